@@ -1,0 +1,64 @@
+"""The `heron` command: `heron generate PROMPT ...`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="local Hugging Face model folder (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", default="auto", help="platform name or auto")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
+                        action="store_false", default=True)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from heron import LLM, SamplingParams
+
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+              seed=args.seed, enable_prefix_caching=args.enable_prefix_caching)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.sampling_seed)
+    if args.chat:
+        outputs = llm.chat([{"role": "user", "content": p} for p in args.prompts[:1]], params,
+                           use_tqdm=False)
+    else:
+        outputs = llm.generate(list(args.prompts), params, use_tqdm=False)
+    for output in outputs:
+        prompt = output.prompt if not args.chat else args.prompts[0]
+        print(f"{prompt}{output.outputs[0].text}" if not args.chat else output.outputs[0].text)
+        print()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="heron", description="LLM inference and serving engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text for one or more prompts")
+    gen.add_argument("prompts", nargs="+")
+    _add_engine_args(gen)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--sampling-seed", type=int, default=None)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"heron: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The attention-backend contract shared by every platform.
+
+One forward pass packs several sequences (prefill chunks and decodes mixed) into
+one flat batch of tokens. For sequence i, its new tokens are rows
+`query_start_loc[i]:query_start_loc[i+1]` of q/k/v, and after this step its KV
+cache holds `seq_lens[i]` tokens (the context already cached plus the new ones),
+so its new tokens sit at positions `seq_lens[i] - query_len_i ... seq_lens[i] - 1`.
+Attention is causal: a token at position p sees cached positions 0..p.
+
+A backend stores the keys/values of *every* new token of the batch before any
+sequence attends: a sequence may reuse (through the prefix cache) blocks that
+another sequence of the same batch is filling in this very step.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each sequence's tokens are in the flat batch and in the paged KV cache."""
+    num_seqs: int
+    num_tokens: int
+    query_start_loc: torch.Tensor   # int32 [num_seqs + 1], cumulative query lengths
+    seq_lens: torch.Tensor          # int32 [num_seqs], tokens in the cache after this step
+    block_tables: torch.Tensor      # int32 [num_seqs, max_blocks_per_seq], padded with 0
+    slot_mapping: torch.Tensor      # int64 [num_tokens], block_id * block_size + offset
+    max_query_len: int
+    max_seq_len: int
+    block_size: int
+    # Host copies, for backends that split the batch in Python.
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+
+    @property
+    def query_lens_cpu(self) -> list[int]:
+        q = self.query_start_loc_cpu
+        return [q[i + 1] - q[i] for i in range(self.num_seqs)]
+
+
+class AttentionBackend(ABC):
+    """Writes new keys/values into the paged cache and attends over it.
+
+    A backend owns the layout of one layer's KV cache tensor (`kv_cache_shape`);
+    the model runner allocates one such tensor per layer.
+    """
+    name: ClassVar[str]
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float) -> None:
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_size = head_size
+        self.scale = scale
+
+    @staticmethod
+    @abstractmethod
+    def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int,
+                       head_size: int) -> tuple[int, ...]:
+        """Shape of one layer's cache tensor holding both keys and values."""
+
+    @abstractmethod
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """query [T, num_heads, head_size], key/value [T, num_kv_heads, head_size].
+
+        Stores key/value at `meta.slot_mapping`, then returns [T, num_heads, head_size].
+        """

@@ -1,0 +1,136 @@
+"""Build a registered model from a Hugging Face folder (config.json + .safetensors)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from heron.logger import get_logger
+from heron.models.registry import ModelRegistry
+
+logger = get_logger(__name__)
+
+EXPECTED = "a Hugging Face model folder with config.json and .safetensors weights"
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with the config and dtype it was built from."""
+    model: nn.Module
+    hf_config: Any
+    dtype: torch.dtype
+    max_model_len: int
+
+
+def load_model(model_dir: str, dtype: str = "auto",
+               device: torch.device | str = "cpu") -> LoadedModel:
+    """Load the model in `model_dir` in eval mode on `device`.
+
+    `dtype` is auto|float32|float16|bfloat16; auto takes the config's dtype
+    (float32 when the config names none). Raises FileNotFoundError/ValueError
+    with the offending path for a bad folder, and the registry's ValueError for
+    an unsupported architecture.
+    """
+    folder = _check_folder(model_dir)
+    files = safetensors_files(folder)   # before the config: fail fast on a weightless folder
+    hf_config = _read_config(folder)
+    model_cls = ModelRegistry.resolve(list(getattr(hf_config, "architectures", None) or []))
+    torch_dtype = resolve_dtype(dtype, hf_config)
+    device = torch.device(device)
+    # Build on the meta device and materialise uninitialised storage: random
+    # initialisation of weights that are overwritten anyway costs seconds per GB.
+    with torch.device("meta"):
+        model = model_cls(hf_config, torch_dtype)
+    model.to_empty(device=device)
+    model.load_weights(iter_safetensors(files))
+    model.eval().requires_grad_(False)
+    max_len = _max_model_len(hf_config)
+    logger.info("loaded %s from %s (%s, %s, max_model_len %d)", model_cls.__name__, folder,
+                torch_dtype, device, max_len)
+    return LoadedModel(model=model, hf_config=hf_config, dtype=torch_dtype, max_model_len=max_len)
+
+
+def resolve_dtype(dtype: str, hf_config: Any) -> torch.dtype:
+    """The torch dtype for a user's `dtype` string, reading the config for `auto`."""
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]
+    if dtype != "auto":
+        raise ValueError(f"unsupported dtype {dtype!r}: use one of auto, {', '.join(_DTYPES)}")
+    # transformers 5.x names it `dtype`, 4.x `torch_dtype`; either may be a str or a torch.dtype.
+    value = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if value is None:
+        return torch.float32
+    name = str(value).removeprefix("torch.")
+    if name not in _DTYPES:
+        logger.warning("config dtype %s is not supported; using float32", name)
+        return torch.float32
+    return _DTYPES[name]
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a folder: those named by model.safetensors.index.json, else all."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [folder / n for n in names]
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise FileNotFoundError(f"{index} names weight files that are missing: {absent}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        other = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".gguf"})
+        hint = f" (found {', '.join(other)}: only safetensors is supported)" if other else ""
+        raise FileNotFoundError(f"no .safetensors weights in {folder}{hint}; expected {EXPECTED}")
+    return files
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of the files, read lazily one at a time on the CPU."""
+    from safetensors import safe_open
+
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def _check_folder(model_dir: str) -> Path:
+    folder = Path(model_dir).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(f"model path {model_dir!r} does not exist; expected {EXPECTED}")
+    if not folder.is_dir():
+        raise ValueError(f"model path {model_dir!r} is a file; expected {EXPECTED}")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {model_dir!r}; expected {EXPECTED}")
+    return folder
+
+
+def _read_config(folder: Path) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(folder))
+    except (ValueError, OSError, KeyError) as e:
+        raise ValueError(f"cannot read {folder / 'config.json'}: {e}") from e
+
+
+def _max_model_len(hf_config: Any) -> int:
+    max_len = int(hf_config.max_position_embeddings)
+    # Attention backends attend over the whole context. Up to the sliding window
+    # that is the same thing, so a sliding-window model (Mistral v0.1) is capped there.
+    window = getattr(hf_config, "sliding_window", None)
+    if window and getattr(hf_config, "use_sliding_window", True) and window < max_len:
+        logger.info("capping max_model_len from %d to the sliding window %d", max_len, window)
+        max_len = int(window)
+    return max_len
