@@ -82,14 +82,19 @@ class ModelRunner:
     def profile_run(self, num_tokens: int) -> float:
         """A dummy forward pass over `num_tokens` tokens with a throw-away cache.
 
-        Warms up kernels and lets the platform read peak memory; returns seconds."""
+        Warms up kernels and lets the platform read peak memory; returns seconds. The
+        tokens are split into sequences no longer than the model's context."""
         num_tokens = max(1, num_tokens)
-        num_blocks = -(-num_tokens // self.block_size)
-        caches = [torch.zeros(self.kv_cache_shape(num_blocks), dtype=self.dtype, device=self.device)
-                  for _ in range(self.num_layers)]
-        meta = self._metadata([list(range(num_blocks))], [0], [num_tokens])
+        lens = [min(self.model_max_len, num_tokens - s)
+                for s in range(0, num_tokens, self.model_max_len)]
+        blocks_per_seq = [-(-n // self.block_size) for n in lens]
+        caches = [torch.zeros(self.kv_cache_shape(sum(blocks_per_seq)), dtype=self.dtype,
+                              device=self.device) for _ in range(self.num_layers)]
+        first_block = np.cumsum([0] + blocks_per_seq[:-1])
+        block_ids = [list(range(b, b + n)) for b, n in zip(first_block, blocks_per_seq)]
+        meta = self._metadata(block_ids, [0] * len(lens), lens)
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-        positions = torch.arange(num_tokens, device=self.device)
+        positions = torch.cat([torch.arange(n) for n in lens]).to(self.device)
         start = time.perf_counter()
         with set_forward_context(ForwardContext(meta, caches, self.backend)):
             hidden = self.model(ids, positions)

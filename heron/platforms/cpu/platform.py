@@ -34,6 +34,9 @@ class CpuPlatform(Platform):
         return Detection(True, f"{os.cpu_count()} CPU cores")
 
     def attention_backend(self, dtype: "torch.dtype", head_size: int) -> type["AttentionBackend"]:
+        if envs.get("HERON_CPU_ATTENTION") == "reference":
+            from heron.kernels.reference import ReferenceAttention
+            return ReferenceAttention
         from heron.kernels.cpu import CpuAttention
         return CpuAttention
 
