@@ -1,4 +1,4 @@
-"""The `heron` command: `heron generate PROMPT ...`."""
+"""The `heron` command: `heron generate PROMPT ...`, `heron platforms`."""
 from __future__ import annotations
 
 import argparse
@@ -35,6 +35,22 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _platforms(args: argparse.Namespace) -> int:
+    """Print every installed platform plugin and which one `--device` would choose."""
+    from heron.platforms.plugins import make_plugin_manager
+    from heron.platforms.registry import format_platform_table, platform_rows
+
+    pm = make_plugin_manager()
+    rows, error = platform_rows(pm, args.device)
+    print(format_platform_table(rows))
+    for name in pm.unmatched_allowlist():
+        print(f"\nHERON_PLUGINS names {name!r}, which no installed plugin is called")
+    if error:
+        print(f"\nno platform chosen: {error}")
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="heron", description="LLM inference and serving engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampling-seed", type=int, default=None)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     gen.set_defaults(func=_generate)
+    plat = sub.add_parser("platforms", help="list platform plugins and which one device= picks")
+    plat.add_argument("--device", default="auto",
+                      help="the device= to resolve (default auto; HERON_DEVICE overrides)")
+    plat.set_defaults(func=_platforms)
     return parser
 
 

@@ -1,5 +1,13 @@
-"""Platforms: the hardware plugins and how device= picks one."""
-from heron.platforms.interface import Capabilities, Detection, MemoryInfo, MemoryProfile, Platform
-from heron.platforms.registry import resolve_platform
+"""Platforms: the hardware plugins and how device= picks one.
 
-__all__ = ["Capabilities", "Detection", "MemoryInfo", "MemoryProfile", "Platform", "resolve_platform"]
+What a plugin author needs is importable from here: `Platform`, `Capabilities`,
+`Detection`, `MemoryInfo`, `MemoryProfile` and the `hookimpl` marker.
+"""
+from heron.platforms.hookspecs import hookimpl
+from heron.platforms.interface import Capabilities, Detection, MemoryInfo, MemoryProfile, Platform
+from heron.platforms.plugins import HeronPluginManager, PluginInfo, make_plugin_manager
+from heron.platforms.registry import PlatformError, load_extensions, resolve_platform
+
+__all__ = ["Capabilities", "Detection", "HeronPluginManager", "MemoryInfo", "MemoryProfile",
+           "Platform", "PlatformError", "PluginInfo", "hookimpl", "load_extensions",
+           "make_plugin_manager", "resolve_platform"]

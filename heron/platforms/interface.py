@@ -3,8 +3,13 @@
 A plugin subclasses `Platform` once and registers an instance through the
 `register_platforms` hook. The core never asks a platform "do you support X?"
 through ad-hoc methods: it reads the frozen `Capabilities`, asks `validate()`
-for reasons to refuse a configuration, and otherwise calls the handful of
-members below.
+for reasons to refuse a configuration, and otherwise calls the members below
+(fourteen in all). Nothing here imports torch at module level: `detect()` and
+`heron platforms` must stay cheap.
+
+Priorities used by the built-ins, so third parties can place themselves:
+cuda and rocm 40, xla and neuron 30, openvino 10, cpu 0. An example or
+debugging platform that must never win `device="auto"` uses a negative priority.
 """
 from __future__ import annotations
 
@@ -22,14 +27,25 @@ if TYPE_CHECKING:  # heavy imports stay out of detection
 
 @dataclass(frozen=True)
 class Detection:
-    """Whether a platform can run here, and why (or why not), in words a user can act on."""
+    """Whether a platform can run here, and why (or why not), in words a user can act on.
+
+    Examples: ``Detection(False, "torch 2.13.0+cpu is a CPU-only build")``,
+    ``Detection(True, "1 CUDA device, torch 2.6.0 (CUDA 12.4)")``.
+    """
     available: bool
     reason: str
 
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a platform can do, declared once; the conformance suite checks it against behaviour."""
+    """What a platform can do, declared once; the conformance suite checks it against behaviour.
+
+    `dtypes` are model dtypes (`float32`, `float16`, `bfloat16`) the platform runs; an
+    empty set means it runs nothing yet. `kv_cache_dtypes` lists KV-cache dtypes
+    (`auto`: the model's). `prefix_caching` and `chunked_prefill` may be refused by
+    `validate()` when False. `tensor_parallel` and `graph_capture` say whether the
+    platform's executor shards a model over several devices and captures graphs.
+    """
     dtypes: frozenset[str] = frozenset({"float32"})
     kv_cache_dtypes: frozenset[str] = frozenset({"auto"})
     prefix_caching: bool = True
@@ -47,56 +63,79 @@ class MemoryInfo:
 
 @dataclass(frozen=True)
 class MemoryProfile:
-    """What a dummy forward pass measured: weights plus peak activations, in bytes."""
+    """What the profile run measured: weights and peak activations in bytes, and the
+    device memory right after the dummy forward pass."""
     weights_bytes: int
     peak_activation_bytes: int
     memory: MemoryInfo = field(default_factory=lambda: MemoryInfo(0, 0))
 
 
 class Platform(ABC):
-    """One kind of hardware. Subclasses set the class attributes and implement detect()."""
+    """One kind of hardware. Subclasses set the class attributes and implement
+    `detect`, `attention_backend` and `memory_info`; the rest has working defaults."""
 
     name: ClassVar[str]                 # what users pass as device=
     device_type: ClassVar[str]          # the torch device type models run on ("cpu", "cuda", ...)
     priority: ClassVar[int] = 0         # device="auto" picks the available platform with the highest
     capabilities: ClassVar[Capabilities] = Capabilities()
-    distributed_backend: ClassVar[str] = "gloo"
+    distributed_backend: ClassVar[str] = "gloo"   # torch.distributed backend for tensor parallel
 
     @abstractmethod
     def detect(self) -> Detection:
-        """Cheap: import nothing heavy, probe the device, never raise."""
+        """Whether this platform can run here, and why. Called in the resolving process
+        before anything is loaded, possibly several times.
+
+        Cheap: import nothing heavy unless the device itself is present (probe
+        ``/dev`` files first), and never raise: catch errors, ImportError included
+        (placeholder packages on PyPI raise it on import), and return them as the
+        reason. heron also turns an exception escaping `detect` into an unavailable
+        Detection quoting it."""
 
     def validate(self, config: "EngineConfig") -> list[str]:
-        """Reasons this platform cannot run `config` (empty when it can). Never mutates config."""
+        """Reasons this platform cannot run `config` (empty when it can). Never mutates config.
+
+        The engine calls it right after resolution and refuses to start, quoting
+        every reason, when the list is not empty."""
         reasons = []
         dtype = config.model.dtype
         if dtype != "auto" and dtype not in self.capabilities.dtypes:
-            reasons.append(f"dtype {dtype} is not supported on {self.name} "
-                           f"(supported: {', '.join(sorted(self.capabilities.dtypes))})")
+            supported = ", ".join(sorted(self.capabilities.dtypes)) or "none yet"
+            reasons.append(f"dtype {dtype} is not supported on {self.name} (supported: {supported})")
         if config.cache.enable_prefix_caching and not self.capabilities.prefix_caching:
             reasons.append(f"{self.name} has no prefix caching; pass enable_prefix_caching=False")
+        if config.scheduler.enable_chunked_prefill and not self.capabilities.chunked_prefill:
+            reasons.append(f"{self.name} has no chunked prefill; pass enable_chunked_prefill=False")
         return reasons
 
     def torch_device(self) -> "torch.device":
+        """The torch device that weights, activations and the KV cache live on."""
         import torch
         return torch.device(self.device_type)
 
     @abstractmethod
     def attention_backend(self, dtype: "torch.dtype", head_size: int) -> type["AttentionBackend"]:
-        """The attention backend class for this dtype and head size."""
+        """The attention backend class for this dtype and head size (called in the process
+        that runs the model, after `register_attention_backends`)."""
 
     @abstractmethod
     def memory_info(self) -> MemoryInfo:
-        """Total and currently available device memory."""
+        """Total and currently available device memory. The executor calls it before and
+        after a dummy forward pass over `max_num_batched_tokens` tokens; the drop in
+        available memory is the peak activation memory."""
 
     def kv_cache_bytes(self, config: "EngineConfig", profile: MemoryProfile) -> int:
-        """Bytes the KV cache may take. An explicit `kv_cache_memory_bytes` always wins;
-        otherwise a share (`gpu_memory_utilization`) of total memory, less weights and
-        peak activations."""
+        """Bytes the KV cache may take; the executor divides them into blocks.
+
+        An explicit `kv_cache_memory_bytes` always wins. Otherwise a share
+        (`gpu_memory_utilization`) of total memory, less weights and peak activations,
+        and never more than was free after the profile run."""
         if config.cache.kv_cache_memory_bytes is not None:
             return config.cache.kv_cache_memory_bytes
-        budget = profile.memory.total_bytes * config.cache.gpu_memory_utilization
-        return int(budget - profile.weights_bytes - profile.peak_activation_bytes)
+        budget = int(profile.memory.total_bytes * config.cache.gpu_memory_utilization
+                     - profile.weights_bytes - profile.peak_activation_bytes)
+        if profile.memory.available_bytes > 0:
+            budget = min(budget, profile.memory.available_bytes)
+        return budget
 
     def executor_class(self) -> type["Executor"]:
         """The executor that runs the model runner(s) for this platform."""
@@ -104,9 +143,11 @@ class Platform(ABC):
         return UniProcExecutor
 
     def set_up_process(self) -> None:
-        """Called once in each worker process before the model loads (threads, env)."""
+        """Called once in each process that runs a model runner, before the model loads
+        (thread counts, the current device, environment for the device runtime)."""
 
     def seed_everything(self, seed: int) -> None:
+        """Seed every random generator the model runner may use on this platform."""
         import random
 
         import torch

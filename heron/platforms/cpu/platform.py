@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from heron import envs
 from heron.platforms.interface import Capabilities, Detection, MemoryInfo, MemoryProfile, Platform
+from heron.platforms.probes import host_memory_info
 
 if TYPE_CHECKING:
     import torch
@@ -14,16 +15,9 @@ if TYPE_CHECKING:
     from heron.kernels.interface import AttentionBackend
 
 
-def _meminfo() -> dict[str, int]:
-    values = {}
-    with open("/proc/meminfo") as f:
-        for line in f:
-            key, rest = line.split(":", 1)
-            values[key] = int(rest.split()[0]) * 1024
-    return values
-
-
 class CpuPlatform(Platform):
+    """The host CPU: always available, lowest built-in priority."""
+
     name = "cpu"
     device_type = "cpu"
     priority = 0  # any accelerator that is present wins over the host CPU
@@ -34,6 +28,8 @@ class CpuPlatform(Platform):
         return Detection(True, f"{os.cpu_count()} CPU cores")
 
     def attention_backend(self, dtype: "torch.dtype", head_size: int) -> type["AttentionBackend"]:
+        """The C kernel (which hands shapes it does not take to the reference backend),
+        or the reference backend when HERON_CPU_ATTENTION=reference."""
         if envs.get("HERON_CPU_ATTENTION") == "reference":
             from heron.kernels.reference import ReferenceAttention
             return ReferenceAttention
@@ -41,11 +37,7 @@ class CpuPlatform(Platform):
         return CpuAttention
 
     def memory_info(self) -> MemoryInfo:
-        try:
-            info = _meminfo()
-            return MemoryInfo(info["MemTotal"], info.get("MemAvailable", info["MemFree"]))
-        except (OSError, KeyError, ValueError):
-            return MemoryInfo(0, 0)
+        return host_memory_info()
 
     def kv_cache_bytes(self, config: "EngineConfig", profile: MemoryProfile) -> int:
         """Fixed space, like vLLM's CPU backend: HERON_CPU_KVCACHE_SPACE GiB (default 4),

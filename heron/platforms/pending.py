@@ -1,0 +1,47 @@
+"""A base for built-in platforms whose detection works but whose execution is not built yet.
+
+Such a platform is listed by ``heron platforms`` with an honest detection result,
+and can be chosen (by name, or by "auto" through its priority), but then refuses
+to start with an error that says so: it never hands the work to another device.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from heron.platforms.interface import Capabilities, Detection, MemoryInfo, Platform
+
+if TYPE_CHECKING:
+    import torch
+
+    from heron.config import EngineConfig
+    from heron.kernels.interface import AttentionBackend
+    from heron.worker.executor import Executor
+
+
+class PendingPlatform(Platform):
+    """Detects its hardware; runs nothing yet (its capabilities declare no dtype)."""
+
+    capabilities = Capabilities(dtypes=frozenset(), prefix_caching=False, chunked_prefill=False)
+    missing: ClassVar[str] = "model execution"   # what is not implemented, in words
+
+    def not_ready(self) -> str:
+        """The error a user gets when choosing this platform."""
+        return (f"heron cannot run models on {self.name} yet: its {self.missing} is not "
+                "implemented (a later issue). Run on another platform, e.g. device='cpu'; "
+                "`heron platforms` lists them")
+
+    def available(self, reason: str) -> Detection:
+        """An available Detection whose reason also says that execution is missing."""
+        return Detection(True, f"{reason} (execution not implemented yet)")
+
+    def validate(self, config: "EngineConfig") -> list[str]:
+        return [self.not_ready()]
+
+    def attention_backend(self, dtype: "torch.dtype", head_size: int) -> type["AttentionBackend"]:
+        raise NotImplementedError(self.not_ready())
+
+    def memory_info(self) -> MemoryInfo:
+        raise NotImplementedError(self.not_ready())
+
+    def executor_class(self) -> type["Executor"]:
+        raise NotImplementedError(self.not_ready())
