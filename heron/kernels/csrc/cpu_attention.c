@@ -1,25 +1,32 @@
 /*
  * heron CPU paged attention: writes new keys/values into the paged cache, then
- * attends every query token of a flat batch over its sequence's cached context.
- * The Python side (heron/kernels/cpu.py) compiles this file with gcc, loads it
- * with ctypes and validates dtypes and shapes before calling heron_attention().
+ * attends every query token of a flat batch over its sequence's cached context
+ * (causal, grouped-query). The Python side (heron/kernels/cpu.py) compiles this
+ * file with gcc, loads it with ctypes and checks dtypes, shapes and strides
+ * before calling heron_attention(); the metadata's values are checked here.
  *
- * Cache layout, one layer: [2][num_blocks][num_kv_heads][slab], a slab holding
- * block_size tokens of one kv head (block_size * head_size elements):
- *   values: [block_size][head_size]            (a row per token, read by P @ V)
- *   keys:   [head_size / P][block_size][P]      P = 4 / element size
- * so that one 32-bit word holds P consecutive dims of one token and 16 tokens'
- * words for the same dims are contiguous: Q @ K^T then needs no transpose or
- * horizontal sum, and bf16 pairs feed vdpbf16ps directly.
+ * Cache layout of one layer: [num_blocks][2 (keys, values)][num_kv_heads][slab],
+ * block-major so that one block of all heads is one contiguous run of memory.
+ * A slab holds block_size tokens of one kv head; a 32-bit word in it holds
+ * P = 4 / element size elements (2 bf16 or 1 float) along the dimension its
+ * product sums over:
+ *   keys    [head_size / P][block_size][P]   16 tokens' words for the same dims
+ *                                            form one vector: Q @ K^T needs no
+ *                                            transpose and bf16 pairs feed
+ *                                            vdpbf16ps as they are
+ *   values  [block_size / P][head_size][P]   one word = one dim of P tokens
  *
- * Work is split into items (sequence, kv head, tile of up to ROWS_TARGET / G
- * query tokens). An item computes every row (query token x query head of the
- * group) with a fixed order of operations that depends only on that sequence,
- * so results are batch invariant whatever thread runs which item.
+ * Work is split into items: (sequence, tile of up to ROWS_TARGET / num_heads
+ * query tokens), all heads. An item walks its context in segments of SEG keys
+ * with an online softmax in float32: scores for every row (Q @ K^T, block by
+ * block, head by head, prefetching the next block), then the segment's
+ * probabilities, then P @ V with the accumulators in registers. Every row's
+ * arithmetic depends only on its own sequence, so results are batch invariant
+ * whatever thread runs which item.
  *
- * All math is written with GCC vector extensions (16 floats), so the file also
- * builds without AVX-512; intrinsics are used where they pay (masked loads,
- * bf16 dot products and conversions).
+ * The math is written with GCC vector extensions (16 floats), so the file also
+ * builds for CPUs without AVX-512; intrinsics are used where they pay (masked
+ * loads, vdpbf16ps, bf16 conversions).
  */
 #include <stdint.h>
 #include <stddef.h>
@@ -34,9 +41,13 @@
 #endif
 
 #define VL 16                  /* floats per vector */
+#ifndef SEG
 #define SEG 256                /* keys per online-softmax step */
+#endif
 #define SROW (SEG + VL)        /* score row stride: a chunk may write 16 lanes past the end */
-#define ROWS_TARGET 48         /* query rows per work item (shares each K/V read) */
+#ifndef ROWS_TARGET
+#define ROWS_TARGET 144        /* query rows (all heads) per work item: each K/V read is shared */
+#endif
 #define PV_COLS 4              /* vectors of the head dim kept in registers by P @ V */
 #if defined(__AVX512F__)
 #define QK_ROWS 12             /* rows per Q @ K^T register tile */
@@ -171,7 +182,7 @@ typedef struct {
     const char *q;
     int64_t q_stride;                    /* elements between tokens */
     char *out;                           /* contiguous [T, Hq, D] */
-    const char *kcache, *vcache;         /* the key and the value halves */
+    const char *cache;                   /* [num_blocks][2][Hk][slab] */
     const int32_t *qsl, *seq_lens, *btab;
     int64_t bt_stride;
 } Ctx;
@@ -190,65 +201,131 @@ typedef struct {
 } Item;
 
 INLINE const char *kslab(const Ctx *c, int blk, int kvh) {
-    return c->kcache + ((int64_t)blk * c->Hk + kvh) * c->B * c->D * c->esz;
+    return c->cache + ((int64_t)blk * 2 * c->Hk + kvh) * c->B * c->D * c->esz;
 }
 INLINE const char *vslab(const Ctx *c, int blk, int kvh) {
-    return c->vcache + ((int64_t)blk * c->Hk + kvh) * c->B * c->D * c->esz;
+    return c->cache + (((int64_t)blk * 2 + 1) * c->Hk + kvh) * c->B * c->D * c->esz;
 }
 
-/* Scores of rows r0..r0+NR-1 against keys off..off+n-1 of one slab, scaled and
- * causally masked, stored at column col of the score rows. */
-INLINE void qk_tile(const Ctx *c, Item *it, int r0, const int NR, const int BF16,
-                    const char *ks, int off, int n, int col, int kpos) {
-    const int D = c->D, B = c->B;
-    vf acc[12];                           /* QK_ROWS <= 12: the size of the dispatch */
-    for (int r = 0; r < NR; r++) acc[r] = vsplat(0.0f);
-    if (BF16) {
-        const uint32_t *kw = (const uint32_t *)ks + off;
-        for (int j = 0; j < D / 2; j++) {
-            vu kv = vload_u32_n(kw + (int64_t)j * B, n);
-#if defined(__AVX512BF16__)
-#pragma GCC unroll 12
-            for (int r = 0; r < NR; r++)
-                acc[r] = (vf)_mm512_dpbf16_ps((__m512)acc[r],
-                                              (__m512bh)_mm512_set1_epi32((int)it->qw[r0 + r][j]),
-                                              (__m512bh)kv);
-#else
-            vf ke = (vf)(kv << 16), ko = (vf)(kv & 0xffff0000u);
-#pragma GCC unroll 12
-            for (int r = 0; r < NR; r++) {
-                acc[r] += it->qf[r0 + r][2 * j] * ke;
-                acc[r] += it->qf[r0 + r][2 * j + 1] * ko;
-            }
+#ifndef PF_AHEAD
+#define PF_AHEAD 1                     /* blocks ahead to prefetch keys from */
 #endif
-        }
-    } else {
-        const float *kf = (const float *)ks + off;
-        for (int d = 0; d < D; d++) {
-            vf kv = vload_n(kf + (int64_t)d * B, n);
-#pragma GCC unroll 12
-            for (int r = 0; r < NR; r++) acc[r] += it->qf[r0 + r][d] * kv;
-        }
-    }
-    for (int r = 0; r < NR; r++) {
-        vf s = acc[r] * c->scale;
-        int lim = it->pos[r0 + r] - kpos + 1;         /* keys this row may see */
-        if (lim > n) lim = n;
-        if (lim < VL) s = vselect_n(s, vsplat(-INFINITY), lim);
-        vstore(it->S + (int64_t)(r0 + r) * SROW + col, s);
-    }
-}
+#ifndef PF_HINT
+#define PF_HINT 2                      /* prefetcht1: into L2, measured best here */
+#endif
+#ifdef NO_PREFETCH
+#define PREFETCH(p) ((void)(p))
+#else
+#define PREFETCH(p) __builtin_prefetch((p), 0, PF_HINT)
+#endif
 
-#define QK_CASE(NR) case NR: qk_tile(c, it, r0, NR, BF16, ks, off, n, col, kpos); break;
-INLINE void qk_rows(const Ctx *c, Item *it, const int BF16, const char *ks, int off, int n,
-                    int col, int kpos) {
-    for (int r0 = 0; r0 < it->R; r0 += QK_ROWS) {
-        int nr = it->R - r0 < QK_ROWS ? it->R - r0 : QK_ROWS;
-        if (it->pos[r0 + nr - 1] < kpos) {            /* the whole tile is causally masked */
-            for (int r = r0; r < r0 + nr; r++)
-                vstore(it->S + (int64_t)r * SROW + col, vsplat(-INFINITY));
+/* Scores of rows r0..r0+NR-1 against the keys seg0+col0 .. seg0+col1-1 (within
+ * one block), scaled and causally masked, into the score rows. Works in chunks
+ * of up to 16 keys: one vector of scores per row.
+ * Blocks sit anywhere in memory, out of the hardware prefetcher's sight, and
+ * bursts of prefetches stall, so each step of the dim loop also prefetches two
+ * lines of pfk (the same head's keys in the next block) and two of pfv (the
+ * values of this block, which P @ V reads after this segment); NULL: none. */
+INLINE void qk_tile(const Ctx *c, Item *it, int r0, const int NR, const int BF16,
+                    int seg0, int col0, int col1, const char *pfk, const char *pfv) {
+    const int D = c->D, B = c->B;
+    const int slab_lines = B * D * c->esz / 64, steps = BF16 ? D / 4 : D / 2;
+    const uint32_t *qw[12];
+    const float *qf[12];
+    int pos[12];
+    (void)qw;                                         /* unused without vdpbf16ps */
+    for (int r = 0; r < NR; r++) {
+        qw[r] = it->qw[r0 + r];
+        qf[r] = it->qf[r0 + r];
+        pos[r] = it->pos[r0 + r];
+    }
+    const char *ks = kslab(c, it->btab[(seg0 + col0) / B], it->kvh);
+    for (int col = col0; col < col1;) {
+        const int kpos = seg0 + col, off = kpos % B;
+        const int n = col1 - col < VL ? col1 - col : VL;
+        float *srow = it->S + (int64_t)r0 * SROW + col;
+        int line = off / VL * steps * 2;              /* first line to prefetch */
+        if (pos[NR - 1] < kpos) {                     /* causally masked for every row */
+            for (int r = 0; r < NR; r++) vstore(srow + (int64_t)r * SROW, vsplat(-INFINITY));
+            col += n;
             continue;
         }
+        /* two accumulators per row (even and odd steps) halve the dependency
+         * chains, which otherwise bound decode with its few rows */
+        vf acc[12], acc2[12];                         /* QK_ROWS <= 12: the dispatch's size */
+        for (int r = 0; r < NR; r++) acc[r] = acc2[r] = vsplat(0.0f);
+        if (BF16) {
+            const uint32_t *kw = (const uint32_t *)ks + off;
+            for (int j = 0; j < D / 2; j += 2, line += 2) {
+                if (pfk && line < slab_lines) {
+                    PREFETCH(pfk + line * 64);
+                    PREFETCH(pfk + line * 64 + 64);
+                }
+                if (pfv && line < slab_lines) {
+                    PREFETCH(pfv + line * 64);
+                    PREFETCH(pfv + line * 64 + 64);
+                }
+                vu kv = vload_u32_n(kw + (int64_t)j * B, n);
+                vu kv2 = vload_u32_n(kw + (int64_t)(j + 1) * B, n);
+#if defined(__AVX512BF16__)
+#pragma GCC unroll 12
+                for (int r = 0; r < NR; r++) {
+                    acc[r] = (vf)_mm512_dpbf16_ps((__m512)acc[r],
+                                                  (__m512bh)_mm512_set1_epi32((int)qw[r][j]),
+                                                  (__m512bh)kv);
+                    acc2[r] = (vf)_mm512_dpbf16_ps((__m512)acc2[r],
+                                                   (__m512bh)_mm512_set1_epi32((int)qw[r][j + 1]),
+                                                   (__m512bh)kv2);
+                }
+#else
+                vf ke = (vf)(kv << 16), ko = (vf)(kv & 0xffff0000u);
+                vf ke2 = (vf)(kv2 << 16), ko2 = (vf)(kv2 & 0xffff0000u);
+#pragma GCC unroll 12
+                for (int r = 0; r < NR; r++) {
+                    const float *qj = qf[r] + 2 * j;
+                    acc[r] += qj[0] * ke;
+                    acc2[r] += qj[2] * ke2;
+                    acc[r] += qj[1] * ko;
+                    acc2[r] += qj[3] * ko2;
+                }
+#endif
+            }
+        } else {
+            const float *kf = (const float *)ks + off;
+            for (int d = 0; d < D; d += 2, line += 2) {
+                if (pfk && line < slab_lines) {
+                    PREFETCH(pfk + line * 64);
+                    PREFETCH(pfk + line * 64 + 64);
+                }
+                if (pfv && line < slab_lines) {
+                    PREFETCH(pfv + line * 64);
+                    PREFETCH(pfv + line * 64 + 64);
+                }
+                vf kv = vload_n(kf + (int64_t)d * B, n);
+                vf kv2 = vload_n(kf + (int64_t)(d + 1) * B, n);
+#pragma GCC unroll 12
+                for (int r = 0; r < NR; r++) {
+                    acc[r] += qf[r][d] * kv;
+                    acc2[r] += qf[r][d + 1] * kv2;
+                }
+            }
+        }
+        for (int r = 0; r < NR; r++) {
+            vf s = (acc[r] + acc2[r]) * c->scale;
+            int lim = pos[r] - kpos + 1;              /* keys this row may see */
+            if (lim > n) lim = n;
+            if (lim < VL) s = vselect_n(s, vsplat(-INFINITY), lim);
+            vstore(srow + (int64_t)r * SROW, s);
+        }
+        col += n;
+    }
+}
+
+#define QK_CASE(NR) case NR: qk_tile(c, it, r0, NR, BF16, seg0, col0, col1, pfk, pfv); break;
+INLINE void qk_rows(const Ctx *c, Item *it, const int BF16, int seg0, int col0, int col1,
+                    const char *pfk, const char *pfv) {
+    for (int r0 = 0; r0 < it->R; r0 += QK_ROWS, pfk = pfv = NULL) {
+        int nr = it->R - r0 < QK_ROWS ? it->R - r0 : QK_ROWS;
         switch (nr) {
             QK_CASE(1) QK_CASE(2) QK_CASE(3) QK_CASE(4) QK_CASE(5) QK_CASE(6)
             QK_CASE(7) QK_CASE(8) QK_CASE(9) QK_CASE(10) QK_CASE(11) QK_CASE(12)
@@ -256,22 +333,29 @@ INLINE void qk_rows(const Ctx *c, Item *it, const int BF16, const char *ks, int 
     }
 }
 
-static void qk_segment(const Ctx *c, Item *it, int seg0, int seg_n) {
+/* Scores of every head's rows for one segment of the nkeys keys of an item,
+ * block by block and head by head: the cache's own order. */
+static void qk_segment(const Ctx *c, Item *heads, int seg0, int seg_n, int nkeys) {
     const int B = c->B;
-    for (int col = 0; col < seg_n;) {
-        int kpos = seg0 + col, off = kpos % B;
-        int n = B - off;
-        if (n > VL) n = VL;
-        if (n > seg_n - col) n = seg_n - col;
-        const char *ks = kslab(c, it->btab[kpos / B], it->kvh);
-        if (c->dtype == DT_BF16) qk_rows(c, it, 1, ks, off, n, col, kpos);
-        else qk_rows(c, it, 0, ks, off, n, col, kpos);
-        col += n;
+    const int32_t *btab = heads[0].btab;
+    for (int col0 = 0; col0 < seg_n;) {
+        const int b = (seg0 + col0) / B;
+        int col1 = (b + 1) * B - seg0;
+        if (col1 > seg_n) col1 = seg_n;
+        for (int h = 0; h < c->Hk; h++) {
+            const char *pfk = (b + PF_AHEAD) * B < nkeys ? kslab(c, btab[b + PF_AHEAD], h) : NULL;
+            const char *pfv = vslab(c, btab[b], h);
+            if (c->dtype == DT_BF16) qk_rows(c, &heads[h], 1, seg0, col0, col1, pfk, pfv);
+            else qk_rows(c, &heads[h], 0, seg0, col0, col1, pfk, pfv);
+        }
+        col0 = col1;
     }
 }
 
 /* Online softmax over one segment: scores become probabilities relative to
- * the new running max; corr[r] rescales what was accumulated before. */
+ * the new running max; corr[r] rescales what was accumulated before. They stay
+ * in float32 (rounding them to bf16 for vdpbf16ps in P @ V measured 5-25%
+ * faster but 1.4x the reference's error). */
 static void softmax_segment(Item *it, int seg_n) {
     for (int r = 0; r < it->R; r++) {
         float *s = it->S + (int64_t)r * SROW;
@@ -284,7 +368,8 @@ static void softmax_segment(Item *it, int seg_n) {
         float mseg = hmax(vm), mold = it->m[r];
         float mnew = mseg > mold ? mseg : mold;
         if (mseg == -INFINITY) {                      /* nothing visible in this segment */
-            memset(s, 0, sizeof(float) * seg_n);
+            /* zeros up to the vector's end: P @ V may read p[seg_n] (times a masked 0) */
+            memset(s, 0, sizeof(float) * ((seg_n + VL - 1) / VL * VL));
             it->corr[r] = 1.0f;
             continue;
         }
@@ -304,7 +389,8 @@ static void softmax_segment(Item *it, int seg_n) {
 }
 
 /* acc[rows r0..r0+NR-1][dims 16*v0 .. 16*(v0+NV)) += P @ V over the first kend keys
- * of the segment, with the accumulators in registers. */
+ * of the segment, with the accumulators in registers. bfloat16 values come as
+ * 32-bit words holding one dim of two consecutive tokens. */
 INLINE void pv_tile(const Ctx *c, Item *it, int r0, const int NR, int v0, const int NV,
                     const int BF16, int seg0, int kend) {
     const int D = c->D, B = c->B;
@@ -314,22 +400,42 @@ INLINE void pv_tile(const Ctx *c, Item *it, int r0, const int NR, int v0, const 
         for (int v = 0; v < NV; v++) acc[r][v] = vload(a + v * VL) * it->corr[r0 + r];
     }
     for (int col = 0; col < kend;) {
-        int kpos = seg0 + col, off = kpos % B;
-        int cnt = B - off < kend - col ? B - off : kend - col;
+        const int kpos = seg0 + col, off = kpos % B;
+        const int cnt = B - off < kend - col ? B - off : kend - col;
         const char *vs = vslab(c, it->btab[kpos / B], it->kvh);
-        for (int t = 0; t < cnt; t++) {
-            vf vv[PV_COLS];
-            if (BF16) {
-                const uint16_t *row = (const uint16_t *)vs + (int64_t)(off + t) * D + v0 * VL;
-                for (int v = 0; v < NV; v++) vv[v] = vload_bf16(row + v * VL);
-            } else {
-                const float *row = (const float *)vs + (int64_t)(off + t) * D + v0 * VL;
-                for (int v = 0; v < NV; v++) vv[v] = vload(row + v * VL);
-            }
+        if (BF16) {
+            /* off and col are even: segments and blocks start at even keys */
+            const uint32_t *vw = (const uint32_t *)vs + (int64_t)(off / 2) * D + v0 * VL;
+            for (int t = 0; t < cnt; t += 2) {
+                vu vv[PV_COLS];
+                const uint32_t *pair = vw + (int64_t)(t / 2) * D;
+                for (int v = 0; v < NV; v++) vv[v] = vload_u32_n(pair + v * VL, VL);
+                if (t + 1 == cnt)                     /* the pair's second key is past kend */
+                    for (int v = 0; v < NV; v++) vv[v] &= 0xffffu;
+                vf ve[PV_COLS], vo[PV_COLS];
+                for (int v = 0; v < NV; v++) {
+                    ve[v] = (vf)(vv[v] << 16);
+                    vo[v] = (vf)(vv[v] & 0xffff0000u);
+                }
 #pragma GCC unroll 6
-            for (int r = 0; r < NR; r++) {
-                float p = it->S[(int64_t)(r0 + r) * SROW + col + t];
-                for (int v = 0; v < NV; v++) acc[r][v] += p * vv[v];
+                for (int r = 0; r < NR; r++) {
+                    const float *p = it->S + (int64_t)(r0 + r) * SROW + col + t;
+                    for (int v = 0; v < NV; v++) {
+                        acc[r][v] += p[0] * ve[v];
+                        acc[r][v] += p[1] * vo[v];
+                    }
+                }
+            }
+        } else {
+            for (int t = 0; t < cnt; t++) {
+                const float *row = (const float *)vs + (int64_t)(off + t) * D + v0 * VL;
+                vf vv[PV_COLS];
+                for (int v = 0; v < NV; v++) vv[v] = vload(row + v * VL);
+#pragma GCC unroll 6
+                for (int r = 0; r < NR; r++) {
+                    float p = it->S[(int64_t)(r0 + r) * SROW + col + t];
+                    for (int v = 0; v < NV; v++) acc[r][v] += p * vv[v];
+                }
             }
         }
         col += cnt;
@@ -360,46 +466,63 @@ INLINE void pv_rows(const Ctx *c, Item *it, const int BF16, int seg0, int seg_n)
     }
 }
 
-/* Attention of query tokens tok0..tok0+ntok-1 (flat rows) of one sequence for
- * the query heads of kv head it->kvh. */
-static void attend_item(const Ctx *c, Item *it, int seq, int tok0, int ntok) {
-    const int D = c->D, G = c->G;
+/* Attention of query tokens tok0..tok0+ntok-1 (flat rows) of one sequence, all
+ * heads: heads[h] views the rows of kv head h's query heads (ntok * G rows in
+ * token order), and the scratch of base, cut into Hk parts. */
+static void attend_item(const Ctx *c, const Item *base, Item *heads, int seq, int tok0, int ntok) {
+    const int D = c->D, G = c->G, R = ntok * G;
     const int qlen = c->qsl[seq + 1] - c->qsl[seq];
     const int first_pos = c->seq_lens[seq] - qlen + (tok0 - c->qsl[seq]);
-    it->R = ntok * G;
-    it->btab = c->btab + (int64_t)seq * c->bt_stride;
-    for (int ti = 0; ti < ntok; ti++) {
-        for (int g = 0; g < G; g++) {
-            int r = ti * G + g;
-            const char *qrow = c->q + ((int64_t)(tok0 + ti) * c->q_stride +
-                                       (int64_t)(it->kvh * G + g) * D) * c->esz;
-            it->pos[r] = first_pos + ti;
+    for (int ti = 0; ti < ntok; ti++)
+        for (int g = 0; g < G; g++) base->pos[ti * G + g] = first_pos + ti;
+    for (int h = 0; h < c->Hk; h++) {
+        Item *it = &heads[h];
+        const int64_t r0 = (int64_t)h * R;
+        *it = (Item){
+            .R = R, .kvh = h, .btab = c->btab + (int64_t)seq * c->bt_stride, .pos = base->pos,
+            .qf = base->qf + r0, .qw = base->qw + r0, .qbuf = base->qbuf + r0 * D,
+            .S = base->S + r0 * SROW, .acc = base->acc + r0 * D,
+            .m = base->m + r0, .l = base->l + r0, .corr = base->corr + r0,
+        };
+        for (int r = 0; r < R; r++) {
+            const char *qrow = c->q + ((int64_t)(tok0 + r / G) * c->q_stride +
+                                       (int64_t)(h * G + r % G) * D) * c->esz;
             it->m[r] = -INFINITY;
             it->l[r] = 0.0f;
             memset(it->acc + (int64_t)r * D, 0, sizeof(float) * D);
             if (c->dtype == DT_F32) {
                 it->qf[r] = (const float *)qrow;
             } else {
-                it->qw[r] = (const uint32_t *)qrow;
-                float *qb = it->qbuf + (int64_t)r * D;
-                for (int d = 0; d < D; d += VL) vstore(qb + d, vload_bf16((const uint16_t *)qrow + d));
+                it->qw[r] = (const uint32_t *)qrow;           /* for vdpbf16ps */
+                float *qb = it->qbuf + (int64_t)r * D;        /* for float math without it */
+#if !defined(__AVX512BF16__)
+                for (int d = 0; d < D; d += VL)
+                    vstore(qb + d, vload_bf16((const uint16_t *)qrow + d));
+#endif
                 it->qf[r] = qb;
             }
         }
     }
     const int nkeys = first_pos + ntok;               /* keys visible to the last row */
+    for (int h = 0; h < c->Hk; h++) {                 /* later blocks are prefetched in qk_tile */
+        const char *ks = kslab(c, heads[0].btab[0], h);
+        for (int64_t i = 0; i < (int64_t)c->B * D * c->esz; i += 64) PREFETCH(ks + i);
+    }
     for (int seg0 = 0; seg0 < nkeys; seg0 += SEG) {
         int seg_n = nkeys - seg0 < SEG ? nkeys - seg0 : SEG;
-        qk_segment(c, it, seg0, seg_n);
-        softmax_segment(it, seg_n);
-        if (c->dtype == DT_BF16) pv_rows(c, it, 1, seg0, seg_n);
-        else pv_rows(c, it, 0, seg0, seg_n);
+        qk_segment(c, heads, seg0, seg_n, nkeys);
+        for (int h = 0; h < c->Hk; h++) {
+            softmax_segment(&heads[h], seg_n);
+            if (c->dtype == DT_BF16) pv_rows(c, &heads[h], 1, seg0, seg_n);
+            else pv_rows(c, &heads[h], 0, seg0, seg_n);
+        }
     }
-    for (int ti = 0; ti < ntok; ti++) {
-        for (int g = 0; g < G; g++) {
-            int r = ti * G + g;
+    for (int h = 0; h < c->Hk; h++) {
+        const Item *it = &heads[h];
+        for (int r = 0; r < R; r++) {
             float inv = 1.0f / it->l[r];
-            char *orow = c->out + ((int64_t)(tok0 + ti) * c->Hq + (int64_t)(it->kvh * G + g)) * D * c->esz;
+            const int64_t row = (int64_t)(tok0 + r / G) * c->Hq + h * G + r % G;
+            char *orow = c->out + row * D * c->esz;
             for (int d = 0; d < D; d += VL) {
                 vf o = vload(it->acc + (int64_t)r * D + d) * inv;
                 if (c->dtype == DT_BF16) vstore_bf16((uint16_t *)orow + d, o);
@@ -422,19 +545,53 @@ static void write_token(const Ctx *c, const char *k, int64_t k_stride, const cha
         /* keys: one 32-bit word (P dims) per token, words of a dim group B apart */
         uint32_t *kw = (uint32_t *)ks + off;
         for (int j = 0; j < D * esz / 4; j++) memcpy(kw + (int64_t)j * B, krow + 4 * j, 4);
-        memcpy(vs + (int64_t)off * D * esz, vrow, (size_t)D * esz);
+        if (esz == 2) {                  /* values: words of two tokens' same dim */
+            uint16_t *vh = (uint16_t *)vs + (int64_t)(off / 2) * D * 2 + (off & 1);
+            for (int d = 0; d < D; d++) memcpy(vh + 2 * d, vrow + 2 * d, 2);
+        } else {
+            memcpy(vs + (int64_t)off * D * esz, vrow, (size_t)D * esz);
+        }
     }
 }
 
 /* ---------------------------------------------------------------- entry point */
 
-typedef struct { int seq, tok0, ntok, kvh; int64_t cost; } WorkItem;
+/* Each thread keeps its scratch between calls (OpenMP threads live on), so a
+ * decode step pays no allocation or page faults; it only ever grows. */
+static __thread char *scratch_buf;
+static __thread size_t scratch_size;
+
+#define ALIGN64(x) (((x) + 63) / 64 * 64)
+
+static int thread_scratch(Item *base, Item **heads, int rows, int D, int Hk) {
+    const size_t floats = ALIGN64(sizeof(float) * rows * (SROW + 2 * D + 3));
+    const size_t ints = ALIGN64(sizeof(int) * rows), ptrs = ALIGN64(sizeof(void *) * rows);
+    const size_t bytes = floats + ints + 2 * ptrs + ALIGN64(sizeof(Item) * Hk);
+    if (bytes > scratch_size) {
+        free(scratch_buf);
+        scratch_buf = aligned_alloc(64, bytes);
+        scratch_size = scratch_buf ? bytes : 0;
+        if (!scratch_buf) return 0;
+    }
+    float *f = (float *)scratch_buf;
+    char *rest = scratch_buf + floats;
+    *base = (Item){
+        .S = f, .acc = f + (size_t)rows * SROW, .qbuf = f + (size_t)rows * (SROW + D),
+        .m = f + (size_t)rows * (SROW + 2 * D), .l = f + (size_t)rows * (SROW + 2 * D + 1),
+        .corr = f + (size_t)rows * (SROW + 2 * D + 2),
+        .pos = (int *)rest, .qf = (const float **)(rest + ints),
+        .qw = (const uint32_t **)(rest + ints + ptrs),
+    };
+    *heads = (Item *)(rest + ints + 2 * ptrs);
+    return 1;
+}
+
+typedef struct { int seq, tok0, ntok; int64_t cost; } WorkItem;
 
 static int by_cost_desc(const void *a, const void *b) {
     const WorkItem *x = a, *y = b;
     if (x->cost != y->cost) return x->cost < y->cost ? 1 : -1;
-    if (x->tok0 != y->tok0) return x->tok0 < y->tok0 ? -1 : 1;
-    return x->kvh - y->kvh;
+    return x->tok0 < y->tok0 ? -1 : x->tok0 > y->tok0;
 }
 
 static int validate(const int32_t *qsl, const int32_t *seq_lens, const int32_t *btab,
@@ -462,14 +619,14 @@ int heron_attention(const void *q, int64_t q_stride, const void *k, int64_t k_st
                     int num_threads, int flags) {
     const int D = head_size, B = block_size;
     if (D <= 0 || D % VL || B <= 0 || num_kv_heads <= 0 || num_heads % num_kv_heads ||
-        (dtype != DT_F32 && dtype != DT_BF16) || num_seqs < 0 || num_tokens < 0)
+        (dtype != DT_F32 && dtype != DT_BF16) || (dtype == DT_BF16 && B % 2) || num_seqs < 0 ||
+        num_tokens < 0)
         return E_ARGS;
     Ctx c = {
         .D = D, .B = B, .G = num_heads / num_kv_heads, .Hq = num_heads, .Hk = num_kv_heads,
         .dtype = dtype, .esz = dtype == DT_BF16 ? 2 : 4, .scale = scale,
         .q = q, .q_stride = q_stride, .out = out,
-        .kcache = kv_cache,
-        .vcache = (const char *)kv_cache + num_blocks * num_kv_heads * B * D * (dtype == DT_BF16 ? 2 : 4),
+        .cache = kv_cache,
         .qsl = query_start_loc, .seq_lens = seq_lens, .btab = block_tables, .bt_stride = bt_stride,
     };
     if (num_threads < 1) num_threads = 1;
@@ -485,14 +642,15 @@ int heron_attention(const void *q, int64_t q_stride, const void *k, int64_t k_st
                        num_blocks, num_seqs, num_tokens, B);
     if (err) return err;
 
-    /* work items: (sequence, kv head, tile of query tokens) */
-    const int ntile = ROWS_TARGET / c.G > 0 ? ROWS_TARGET / c.G : 1;
+    /* work items: (sequence, tile of query tokens), all heads: an item then reads
+     * whole blocks, the longest runs of contiguous memory the cache has */
+    const int ntile = ROWS_TARGET / num_heads > 0 ? ROWS_TARGET / num_heads : 1;
     int64_t nitems = 0;
-    int prefill = 0;
+    int max_nt = 1;
     for (int s = 0; s < num_seqs; s++) {
         int qlen = query_start_loc[s + 1] - query_start_loc[s];
-        nitems += (int64_t)(qlen + ntile - 1) / ntile * c.Hk;
-        prefill |= qlen > 1;
+        nitems += (qlen + ntile - 1) / ntile;
+        if (qlen > max_nt) max_nt = qlen < ntile ? qlen : ntile;
     }
     WorkItem *items = malloc(sizeof(WorkItem) * (nitems > 0 ? nitems : 1));
     if (!items) return E_NOMEM;
@@ -501,54 +659,31 @@ int heron_attention(const void *q, int64_t q_stride, const void *k, int64_t k_st
         int start = query_start_loc[s], qlen = query_start_loc[s + 1] - start;
         for (int t = 0; t < qlen; t += ntile) {
             int nt = qlen - t < ntile ? qlen - t : ntile;
-            int64_t keys = seq_lens[s] - qlen + t + nt;
-            for (int h = 0; h < c.Hk; h++)
-                items[n++] = (WorkItem){s, start + t, nt, h, keys * nt};
+            items[n++] = (WorkItem){s, start + t, nt, (int64_t)(seq_lens[s] - qlen + t + nt) * nt};
         }
     }
-    /* longest first balances threads; the order never changes any result */
-    if (prefill) qsort(items, nitems, sizeof(WorkItem), by_cost_desc);
+    /* longest first balances the threads; the order never changes any result */
+    qsort(items, nitems, sizeof(WorkItem), by_cost_desc);
 
-    const int rmax = ntile * c.G;
+    const int rmax = max_nt * num_heads;            /* rows of the largest item */
     int nomem = 0;
 #pragma omp parallel num_threads(num_threads)
     {
         if (flags & F_WRITE_KV) {
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < num_tokens; i++)
-                if (slot_mapping[i] >= 0) write_token(&c, k, k_stride, v, v_stride, i, slot_mapping[i]);
+                if (slot_mapping[i] >= 0)
+                    write_token(&c, k, k_stride, v, v_stride, i, slot_mapping[i]);
         }
         /* the implicit barrier above: every new key is stored before any is read */
-        size_t floats = (size_t)rmax * (SROW + 2 * D + 3);
-        float *buf = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
-        int *pos = malloc(sizeof(int) * rmax);
-        const float **qf = malloc(sizeof(*qf) * rmax);
-        const uint32_t **qw = malloc(sizeof(*qw) * rmax);
-        Item it = {0};
-        if (!buf || !pos || !qf || !qw) {
+        Item base = {0}, *heads = NULL;
+        if (!thread_scratch(&base, &heads, rmax, D, c.Hk)) {
 #pragma omp atomic write
             nomem = 1;
-        } else {
-            it.S = buf;
-            it.acc = it.S + (size_t)rmax * SROW;
-            it.qbuf = it.acc + (size_t)rmax * D;
-            it.m = it.qbuf + (size_t)rmax * D;
-            it.l = it.m + rmax;
-            it.corr = it.l + rmax;
-            it.pos = pos;
-            it.qf = qf;
-            it.qw = qw;
         }
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t i = 0; i < nitems; i++) {
-            if (!it.S) continue;
-            it.kvh = items[i].kvh;
-            attend_item(&c, &it, items[i].seq, items[i].tok0, items[i].ntok);
-        }
-        free(buf);
-        free(pos);
-        free(qf);
-        free(qw);
+        for (int64_t i = 0; i < nitems; i++)
+            if (base.S) attend_item(&c, &base, heads, items[i].seq, items[i].tok0, items[i].ntok);
     }
     free(items);
     return nomem ? E_NOMEM : 0;
