@@ -142,6 +142,11 @@ class Platform(ABC):
         from heron.worker.executor import UniProcExecutor
         return UniProcExecutor
 
+    def prepare_model(self, model: "torch.nn.Module", dtype: "torch.dtype") -> "torch.nn.Module":
+        """Called once after weights load: a platform may repack weights for its kernels
+        (never change what the model computes). Returns the model to run."""
+        return model
+
     def set_up_process(self) -> None:
         """Called once in each process that runs a model runner, before the model loads
         (thread counts, the current device, environment for the device runtime)."""

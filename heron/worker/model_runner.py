@@ -41,7 +41,7 @@ class ModelRunner:
         self.device = platform.torch_device()
         self.block_size = config.cache.block_size
         loaded = load_model(model_path, config.model.dtype, self.device)
-        self.model = loaded.model
+        self.model = platform.prepare_model(loaded.model, loaded.dtype)
         self.hf_config = loaded.hf_config
         self.dtype = loaded.dtype
         self.model_max_len = loaded.max_model_len
@@ -62,7 +62,9 @@ class ModelRunner:
     # -- memory -------------------------------------------------------------------------
 
     def weights_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        tensors = list(self.model.parameters()) + [
+            t for m in self.model.modules() for t in vars(m).values() if isinstance(t, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
         return self.backend.kv_cache_shape(num_blocks, self.block_size, self.num_kv_heads,
