@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import heron.kernels.cpu as cpu_mod
+from heron.kernels import cbuild
 from heron.kernels.cpu import CpuAttention, native_kernel_available
 from heron.kernels.interface import AttentionMetadata
 from heron.kernels.reference import ReferenceAttention, gather_context, write_kv
@@ -277,7 +278,7 @@ def test_float16_and_reference_mode_fall_back(monkeypatch, caplog):
 
 def test_missing_compiler(monkeypatch):
     """Without gcc: auto falls back to the reference, native is an error."""
-    monkeypatch.setattr(cpu_mod.shutil, "which", lambda name: None)
+    monkeypatch.setattr(cbuild.shutil, "which", lambda name: None)
     cpu_mod._load_kernel.cache_clear()
     try:
         monkeypatch.setenv("HERON_CPU_ATTENTION", "auto")
@@ -297,15 +298,15 @@ def test_missing_compiler(monkeypatch):
 
 
 def test_kernel_file_name_hashes_source_and_flags(tmp_path, monkeypatch):
-    if cpu_mod.shutil.which("gcc") is None:
+    if cbuild.shutil.which("gcc") is None:
         pytest.skip("no gcc")
     monkeypatch.setenv("HERON_CACHE_DIR", str(tmp_path))
     flags = ["-O0", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-Wno-psabi"]   # quick to build
-    first = cpu_mod._compile("gcc", flags)
+    first = cbuild.compile_library("gcc", cpu_mod._SOURCE, flags)
     assert first.parent == tmp_path / "kernels" and first.exists()
     built = first.stat().st_mtime_ns
-    assert cpu_mod._compile("gcc", flags) == first and first.stat().st_mtime_ns == built
-    assert cpu_mod._library_path(flags + ["-DPF_AHEAD=2"]) != first
+    assert cbuild.compile_library("gcc", cpu_mod._SOURCE, flags) == first and first.stat().st_mtime_ns == built
+    assert cbuild.library_path(cpu_mod._SOURCE, flags + ["-DPF_AHEAD=2"]) != first
     assert not list((tmp_path / "kernels").glob("*.tmp"))
 
 

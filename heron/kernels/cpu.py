@@ -32,17 +32,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import uuid
 from pathlib import Path
 
 import torch
 
 from heron import envs
+from heron.kernels import cbuild
 from heron.kernels.interface import AttentionBackend, AttentionMetadata
 from heron.kernels.reference import ReferenceAttention
 from heron.kernels.reference import gather_context as reference_gather_context
@@ -52,12 +47,6 @@ from heron.logger import get_logger
 logger = get_logger(__name__)
 
 _SOURCE = Path(__file__).parent / "csrc" / "cpu_attention.c"
-# Tried in order: tuned for this CPU first, then a portable build (e.g. a gcc that
-# does not know this CPU). Either way the file name hashes the flags.
-_FLAG_SETS = (
-    ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-Wno-psabi"],
-    ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-Wno-psabi"],
-)
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _F_WRITE_KV, _F_ATTEND = 1, 2
 _ERRORS = {
@@ -77,72 +66,23 @@ def _warn_once(message: str) -> None:
         logger.warning(message)
 
 
-def _cpu_fingerprint() -> str:
-    """What -march=native depends on, so a shared cache dir never serves a foreign build."""
-    lines = []
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key = line.split(":", 1)[0].strip()
-                if key in ("model name", "flags", "Features", "CPU implementer", "CPU part"):
-                    if line not in lines:
-                        lines.append(line)
-                if key == "" and lines:      # the first processor's block is enough
-                    break
-    except OSError:
-        pass
-    return platform.machine() + "".join(lines)
+def _declare(lib: ctypes.CDLL) -> None:
+    fn = lib.heron_attention
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, ptr,
+                   i32, i32, i32, i32, i32, i32, i32, ctypes.c_float, i32, i32]
+    fn.restype = i32
+    lib.heron_attention_isa.restype = i32
 
 
-def _library_path(flags: list[str]) -> Path:
-    """Where the build of the current source with these flags for this CPU lives."""
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()
-                            + _cpu_fingerprint().encode())
-    return envs.cache_dir() / "kernels" / f"cpu_attention-{digest.hexdigest()[:16]}.so"
-
-
-def _compile(compiler: str, flags: list[str]) -> Path:
-    """The shared library for these flags, built once per source, flag and CPU hash."""
-    target = _library_path(flags)
-    if target.exists():
-        return target
-    logger.info("compiling the cpu attention kernel into %s (once per source and flags)", target)
-    out_dir = target.parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Build under a private name and rename: concurrent processes never load half a file.
-    tmp = out_dir / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        result = subprocess.run([compiler, *flags, "-o", str(tmp), str(_SOURCE)],
-                                capture_output=True, text=True, timeout=300)
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed ({result.returncode}): {result.stderr[-2000:]}")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+# Tried in order by _load_kernel (tests narrow it to the portable build).
+_FLAG_SETS = cbuild.FLAG_SETS
 
 
 @functools.lru_cache(maxsize=None)
 def _load_kernel() -> tuple[ctypes.CDLL | None, str]:
     """(library, "") or (None, why not). Compiles on the first call of the process."""
-    compiler = shutil.which("gcc")
-    if compiler is None:
-        return None, "gcc not found on PATH"
-    errors = []
-    for flags in _FLAG_SETS:
-        try:
-            lib = ctypes.CDLL(str(_compile(compiler, flags)))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-            errors.append(str(e))
-            continue
-        fn = lib.heron_attention
-        i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-        fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, ptr,
-                       i32, i32, i32, i32, i32, i32, i32, ctypes.c_float, i32, i32]
-        fn.restype = i32
-        lib.heron_attention_isa.restype = i32
-        return lib, ""
-    return None, "compiling the C attention kernel failed: " + " | ".join(errors)
+    return cbuild.load_library(_SOURCE, _declare, _FLAG_SETS)
 
 
 def native_kernel_available() -> bool:

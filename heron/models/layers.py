@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heron.forward_context import get_forward_context
+from heron.forward_context import current_layer_ops, get_forward_context
 
 
 class RMSNorm(nn.Module):
@@ -26,17 +26,30 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.hidden_size = hidden_size
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """norm(x), or with `residual`: (norm(x + residual), x + residual), the sum made in
+        the input dtype as HF's `hidden = residual + hidden` is."""
+        fused = current_layer_ops().rms_norm(x, self.weight, self.eps, residual)
+        if fused is not None:
+            return fused if residual is None else (fused, residual)
+        if residual is not None:
+            residual = x + residual
+            x = residual
         # F.rms_norm on a float32 input is bit-identical to HF's
         # `x * rsqrt(mean(x^2) + eps)` (checked on fp32 and bf16 inputs) and is
         # one fused op instead of five, which matters on CPU. Like HF, the weight
         # multiplies after the cast back to the input dtype.
         normed = F.rms_norm(x.float(), (self.hidden_size,), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+        out = self.weight * normed.to(x.dtype)
+        return out if residual is None else (out, residual)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU activation on a fused [..., 2 * d] gate|up projection: silu(gate) * up."""
+    fused = current_layer_ops().silu_and_mul(x)
+    if fused is not None:
+        return fused
     d = x.shape[-1] // 2
     return F.silu(x[..., :d]) * x[..., d:]
 
@@ -118,12 +131,39 @@ class RotaryEmbedding(nn.Module):
         cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(self.dtype)
         return cache.to(device)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def cache(self, device: torch.device) -> torch.Tensor:
+        """The [max_positions, head_dim] cos|sin table on `device`."""
+        if self._cache is None or self._cache.device != device:
+            self._cache = self._build_cache(device)
+        return self._cache
+
+    def forward(self, positions: torch.Tensor) -> "RotaryInputs":
+        """What every layer of one forward pass needs to rotate its q and k."""
+        return RotaryInputs(positions, self.cache(positions.device))
+
+
+class RotaryInputs:
+    """Positions of one forward pass and the cos|sin table; cos/sin per token are
+    gathered once, on first use by the torch path, and shared by every layer."""
+
+    def __init__(self, positions: torch.Tensor, table: torch.Tensor) -> None:
+        self.positions = positions
+        self.table = table
+        self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin, each [T, 1, head_dim // 2], ready to broadcast over heads."""
-        if self._cache is None or self._cache.device != positions.device:
-            self._cache = self._build_cache(positions.device)
-        cos, sin = self._cache[positions].unsqueeze(1).chunk(2, dim=-1)
-        return cos, sin
+        if self._cos_sin is None:
+            cos, sin = self.table[self.positions].unsqueeze(1).chunk(2, dim=-1)
+            self._cos_sin = (cos, sin)
+        return self._cos_sin
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, head_dim] rotated by position: in place when the platform's fused
+        op takes it, else a new tensor."""
+        if current_layer_ops().rotary_(x, self.positions, self.table):
+            return x
+        return apply_rotary(x, *self.cos_sin())
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heron.models.layers import Attention, RMSNorm, RotaryEmbedding, apply_rotary, \
+from heron.models.layers import Attention, RMSNorm, RotaryEmbedding, RotaryInputs, \
     rope_parameters, silu_and_mul
 
 
@@ -47,11 +47,11 @@ class LlamaAttention(nn.Module):
                                 dtype=dtype)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, layer_idx)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RotaryInputs) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)
         # Rotate q and k heads together in one pass over their [T, H + H_kv, D] view.
-        qk = apply_rotary(qkv[:, :self.q_size + self.kv_size].view(t, -1, self.head_dim), cos, sin)
+        qk = rope.rotate(qkv[:, :self.q_size + self.kv_size].view(t, -1, self.head_dim))
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
         out = self.attn(q, k, v)
@@ -85,9 +85,16 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None,
+                rope: RotaryInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Takes the previous layer's (mlp output, residual) and returns its own; the
+        residual additions happen inside the norms, where a platform can fuse them."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, rope), residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -103,11 +110,12 @@ class LlamaModel(nn.Module):
                                           rope_parameters(cfg), dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.rotary_emb(positions)   # once per step, shared by every layer
+        rope = self.rotary_emb(positions)   # once per step, shared by every layer
         x = self.embed_tokens(input_ids)
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos, sin)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope)
+        return self.norm(x, residual)[0]
 
 
 # HF checkpoint names that land in a slice of one of our fused parameters:

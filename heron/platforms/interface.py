@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # heavy imports stay out of detection
 
     from heron.config import EngineConfig
     from heron.kernels.interface import AttentionBackend
+    from heron.kernels.layer_ops import LayerOps
     from heron.worker.executor import Executor
 
 
@@ -146,6 +147,12 @@ class Platform(ABC):
         """Called once after weights load: a platform may repack weights for its kernels
         (never change what the model computes). Returns the model to run."""
         return model
+
+    def layer_ops(self, dtype: "torch.dtype") -> "LayerOps":
+        """Fused element-wise ops (RMSNorm, rotary, SiLU-and-mul) for models on this platform;
+        the default fuses nothing and the models use plain torch."""
+        from heron.kernels.layer_ops import LayerOps
+        return LayerOps()
 
     def set_up_process(self) -> None:
         """Called once in each process that runs a model runner, before the model loads

@@ -54,6 +54,7 @@ class ModelRunner:
         backend_cls = platform.attention_backend(self.dtype, self.head_size)
         self.backend = backend_cls(self.num_heads, self.num_kv_heads, self.head_size,
                                    self.head_size ** -0.5)
+        self.layer_ops = platform.layer_ops(self.dtype)
         self.sampler = Sampler(self.device, config.model.seed)
         self.kv_caches: list[torch.Tensor] = []
         logger.info("model %s loaded: %s, %d layers, attention backend %s",
@@ -98,7 +99,7 @@ class ModelRunner:
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         positions = torch.cat([torch.arange(n) for n in lens]).to(self.device)
         start = time.perf_counter()
-        with set_forward_context(ForwardContext(meta, caches, self.backend)):
+        with set_forward_context(ForwardContext(meta, caches, self.backend, self.layer_ops)):
             hidden = self.model(ids, positions)
         self.model.compute_logits(hidden[-1:])
         return time.perf_counter() - start
@@ -111,7 +112,8 @@ class ModelRunner:
         if sched.is_empty:
             return result
         inputs = self._prepare_inputs(sched)
-        with set_forward_context(ForwardContext(inputs.meta, self.kv_caches, self.backend)):
+        with set_forward_context(ForwardContext(inputs.meta, self.kv_caches, self.backend,
+                                                   self.layer_ops)):
             hidden = self.model(inputs.input_ids, inputs.positions)
         self._prompt_logprobs(sched, hidden, result)
         if inputs.sample_rows:

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
     from heron.config import EngineConfig
     from heron.kernels.interface import AttentionBackend
+    from heron.kernels.layer_ops import LayerOps
 
 
 class CpuPlatform(Platform):
@@ -53,6 +54,12 @@ class CpuPlatform(Platform):
         if packing_available(dtype):
             pack_linear_layers(model)
         return model
+
+    def layer_ops(self, dtype: "torch.dtype") -> "LayerOps":
+        """The C fused ops (csrc/cpu_ops.c) when they build here, else plain torch."""
+        from heron.kernels.cpu_ops import load_ops
+        from heron.kernels.layer_ops import LayerOps
+        return load_ops() or LayerOps()
 
     def set_up_process(self) -> None:
         import torch
