@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.heron-installed
 
-.PHONY: install generate test bench clean
+.PHONY: install generate serve test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ install: $(STAMP)
 
 generate: install
 	$(VENV)/bin/heron generate "Once upon a time"
+
+serve: install
+	$(VENV)/bin/heron serve
 
 test: install
 	$(PY) -m pytest -q tests

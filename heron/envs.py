@@ -28,6 +28,7 @@ ENV_VARS: dict[str, EnvVar] = {
         EnvVar("HERON_CPU_KVCACHE_SPACE", "4", "GiB of memory for the KV cache on the cpu platform"),
         EnvVar("HERON_CPU_NUM_THREADS", None, "torch threads on the cpu platform (default: all cores)"),
         EnvVar("HERON_CPU_ATTENTION", "auto", "cpu attention backend: auto, native (C kernel) or reference"),
+        EnvVar("HERON_API_KEY", None, "API key `heron serve` requires on /v1/* (same as --api-key)"),
         EnvVar("HERON_LOGGING_LEVEL", "INFO", "log level of the heron logger"),
     ]
 }

@@ -1,7 +1,8 @@
-"""The `heron` command: `heron generate PROMPT ...`, `heron platforms`."""
+"""The `heron` command: `heron generate PROMPT ...`, `heron serve [MODEL]`, `heron platforms`."""
 from __future__ import annotations
 
 import argparse
+from heron import envs
 import sys
 
 
@@ -51,6 +52,48 @@ def _platforms(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve_args(serve: argparse.ArgumentParser) -> None:
+    """`heron serve` flags, named as vLLM's `vllm serve` names them."""
+    serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                       help="local Hugging Face model folder (default: the embedded "
+                            "SmolLM2-135M-Instruct, served as 'SmolLM2-135M-Instruct')")
+    serve.add_argument("--model", default=None, help="same as MODEL")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", default="auto", help="platform name or auto")
+    serve.add_argument("--api-key", default=envs.get("HERON_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1/* (default: $HERON_API_KEY)")
+    serve.add_argument("--served-model-name", nargs="+", default=None,
+                       help="name(s) clients use as 'model' (default: MODEL as given)")
+    serve.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    serve.add_argument("--max-model-len", type=int, default=None)
+    serve.add_argument("--max-num-seqs", type=int, default=256)
+    serve.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                       default=True)
+    serve.add_argument("--block-size", type=int, default=16)
+    serve.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                       help="KV-cache size in bytes (default: the platform's estimate)")
+    serve.add_argument("--chat-template", default=None,
+                       help="chat template: a file, or the template itself on one line")
+    serve.add_argument("--seed", type=int, default=0)
+    serve.add_argument("--max-request-body-bytes", type=int, default=4 * 1024 * 1024,
+                       help="larger request bodies get 413 (default 4 MiB)")
+    serve.add_argument("--uvicorn-log-level", default="info",
+                       choices=["critical", "error", "warning", "info", "debug", "trace"])
+    serve.add_argument("--disable-uvicorn-access-log", action="store_true")
+    serve.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from heron.entrypoints.openai.api_server import run_server
+
+    if args.model_tag and args.model and args.model_tag != args.model:
+        raise ValueError(f"MODEL {args.model_tag!r} and --model {args.model!r} differ: give one")
+    args.model = args.model_tag or args.model
+    return run_server(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="heron", description="LLM inference and serving engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampling-seed", type=int, default=None)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     gen.set_defaults(func=_generate)
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    _add_serve_args(serve)
     plat = sub.add_parser("platforms", help="list platform plugins and which one device= picks")
     plat.add_argument("--device", default="auto",
                       help="the device= to resolve (default auto; HERON_DEVICE overrides)")

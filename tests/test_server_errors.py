@@ -1,0 +1,141 @@
+"""Error answers of `heron serve` over raw HTTP: OpenAI's error shape, the right status,
+and a server that keeps serving everyone else."""
+from __future__ import annotations
+
+import threading
+
+import httpx
+import openai
+import pytest
+
+from server_utils import TINY_CHAT_TEMPLATE, RemoteServer
+
+KEY = "sk-errors"
+BODY_LIMIT = 65536
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama):
+    with RemoteServer(tiny_llama, ["--served-model-name", "tiny", "tiny-alias",
+                                   "--max-model-len", "64", "--chat-template", TINY_CHAT_TEMPLATE,
+                                   "--max-request-body-bytes", str(BODY_LIMIT)],
+                      api_key=KEY) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, headers=server.headers(), timeout=30) as client:
+        yield client
+
+
+def check_error(response: httpx.Response, status: int, *words: str) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type", "param", "code"}
+    for word in words:
+        assert word in error["message"], error["message"]
+    return error
+
+
+def completion(**fields) -> dict:
+    return {"model": "tiny", "prompt": "w1 w2", "max_tokens": 4, **fields}
+
+
+def test_api_key(server, http):
+    plain = httpx.Client(base_url=server.url, timeout=30)
+    check_error(plain.post("/v1/completions", json=completion()), 401, "API key")
+    wrong = {"Authorization": "Bearer nope"}
+    check_error(plain.post("/v1/chat/completions", headers=wrong, json={}), 401, "incorrect")
+    check_error(plain.get("/v1/models", headers=wrong), 401)
+    assert plain.get("/health").status_code == 200       # probes need no key
+    assert plain.get("/metrics").status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="bad", max_retries=0).models.list()
+    assert http.post("/v1/completions", json=completion()).status_code == 200
+
+
+def test_unknown_model_is_404(server, http):
+    error = check_error(http.post("/v1/completions", json=completion(model="gpt-4")), 404,
+                        "gpt-4")
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    with pytest.raises(openai.NotFoundError):
+        server.openai().chat.completions.create(model="nope", messages=[
+            {"role": "user", "content": "w1"}])
+    assert http.post("/v1/completions", json=completion(model="tiny-alias")).status_code == 200
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"temperature": -1}, ["temperature"]),
+    ({"top_p": 1.5}, ["top_p"]),
+    ({"max_tokens": 0}, ["max_tokens"]),
+    ({"n": 0}, ["n must"]),
+    ({"n": "many"}, ["n:"]),
+    ({"logprobs": 50}, ["logprobs"]),
+    ({"prompt": ""}, ["empty"]),
+    ({"prompt": []}, ["empty"]),
+    ({"prompt": [3, 4, 9999]}, ["9999"]),
+    ({"prompt": " ".join(["w1"] * 80)}, ["64", "80"]),
+    ({"max_tokens": 100}, ["64", "102"]),
+    ({"stop": [""]}, ["stop"]),
+    ({"logit_bias": {"5": 1.0}}, ["logit_bias"]),
+    ({"best_of": 3}, ["best_of"]),
+    ({"stream_options": {"include_usage": True}}, ["stream_options"]),
+    ({"suffix": "x"}, ["suffix"]),
+])
+def test_bad_completion_is_400(http, fields, words):
+    check_error(http.post("/v1/completions", json=completion(**fields)), 400, *words)
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"messages": []}, ["messages"]),
+    ({"messages": [{"content": "w1"}]}, ["role"]),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     ["image_url"]),
+    ({"top_logprobs": 2}, ["logprobs"]),
+    ({"max_completion_tokens": 70}, ["64"]),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, ["tool"]),
+])
+def test_bad_chat_is_400(http, fields, words):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "w1"}], **fields}
+    check_error(http.post("/v1/chat/completions", json=body), 400, *words)
+
+
+def test_malformed_bodies(http):
+    check_error(http.post("/v1/completions", content=b"{not json"), 400, "JSON")
+    check_error(http.post("/v1/completions", json=[1, 2]), 400, "object")
+    check_error(http.post("/v1/completions", json={"model": "tiny"}), 400, "prompt")
+    check_error(http.get("/v1/completions"), 405)
+    check_error(http.get("/v1/nothing-here"), 404)
+
+
+def test_body_size_limit_is_413(http):
+    big = completion(prompt="w1 " * (BODY_LIMIT // 2))
+    error = check_error(http.post("/v1/completions", json=big), 413, str(BODY_LIMIT))
+    assert error["code"] == "request_too_large"
+
+    def chunks():   # no Content-Length: the limit is counted as the body arrives
+        yield b'{"model": "tiny", "prompt": "'
+        for _ in range(BODY_LIMIT // 1024 + 1):
+            yield b"w1 " * 341 + b"w"
+        yield b'"}'
+    check_error(http.post("/v1/completions", content=chunks()), 413)
+
+
+def test_errors_do_not_disturb_other_requests(server, http):
+    """Bad requests arrive while a long stream runs; the stream still completes."""
+    result: dict = {}
+
+    def stream():
+        result["text"] = "".join(
+            c.choices[0].text for c in server.openai().completions.create(
+                model="tiny", prompt="w5 w6", max_tokens=60, temperature=0, stream=True,
+                extra_body={"ignore_eos": True}) if c.choices)
+    thread = threading.Thread(target=stream)
+    thread.start()
+    for _ in range(10):
+        check_error(http.post("/v1/completions", json=completion(temperature=-3)), 400)
+        check_error(http.post("/v1/completions", json=completion(model="x")), 404)
+    thread.join(60)
+    assert len(result["text"].split()) == 60
+    assert http.get("/health").status_code == 200
