@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import argparse
-from heron import envs
 import sys
+
+from heron import envs
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
