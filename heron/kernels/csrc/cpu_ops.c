@@ -19,100 +19,148 @@
 
 enum { DT_F32 = 0, DT_BF16 = 1 };
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
+/* Element access for one dtype. Every loop below is written once per dtype (through
+ * the OPS macro) with no branch inside, so that gcc vectorizes it. */
+static inline float bf16_ld(const uint16_t *p, int64_t i) {
+    uint32_t u = (uint32_t)p[i] << 16;
     float f;
     memcpy(&f, &u, 4);
     return f;
 }
 
-static inline uint16_t f32_to_bf16(float f) {
+static inline uint16_t bf16_round(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+    /* round to nearest even; NaN stays NaN (its payload gains the quiet bit) */
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    uint32_t nan = (u >> 16) | 0x40u;
+    return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? nan : r);
 }
 
-/* Round a float to the precision of the dtype (identity for float32). */
-static inline float rnd(float f, int dt) { return dt == DT_BF16 ? bf16_to_f32(f32_to_bf16(f)) : f; }
-
-static inline float ld(const void *p, int64_t i, int dt) {
-    return dt == DT_BF16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+static inline void bf16_st(uint16_t *p, int64_t i, float f) { p[i] = bf16_round(f); }
+static inline float bf16_rnd(float f) {
+    uint16_t h = bf16_round(f);
+    return bf16_ld(&h, 0);
 }
 
-static inline void st(void *p, int64_t i, float f, int dt) {
-    if (dt == DT_BF16) ((uint16_t *)p)[i] = f32_to_bf16(f);
-    else ((float *)p)[i] = f;
+static inline float f32_ld(const float *p, int64_t i) { return p[i]; }
+static inline void f32_st(float *p, int64_t i, float f) { p[i] = f; }
+static inline float f32_rnd(float f) { return f; }
+
+/* exp(x) for float32 with about 1 ulp of error, in plain arithmetic so that it
+ * vectorizes (libm's expf is a call per element). Range reduction x = n ln2 + r,
+ * |r| <= ln2 / 2, then a degree-6 polynomial for e^r and 2^n through the exponent. */
+static inline float vexpf(float x) {
+    x = x > 88.0f ? 88.0f : (x < -103.0f ? -103.0f : x);
+    /* round to nearest even by the 1.5 * 2^23 trick (vectorizes, unlike a call) */
+    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t e = (int32_t)n;
+    /* 2^n in two steps so that n down to -149 (denormals) stays finite */
+    int32_t e1 = e / 2, e2 = e - e1;
+    uint32_t b1 = (uint32_t)(e1 + 127) << 23, b2 = (uint32_t)(e2 + 127) << 23;
+    float s1, s2;
+    memcpy(&s1, &b1, 4);
+    memcpy(&s2, &b2, 4);
+    return p * s1 * s2;
 }
 
-#define PARALLEL_MIN_ELEMS 65536  /* below this a parallel region costs more than it saves */
+#define PARALLEL_MIN_ELEMS 262144 /* below this a parallel region costs more than it saves */
 
 /*
- * out = weight * rms_norm(h), where h = x + residual (stored back into residual)
- * when residual is given, else h = x. HF: normed = (h * rsqrt(mean(h^2) + eps))
- * cast to the dtype, then weight * normed in the dtype.
+ * add_rms_norm: out = weight * rms_norm(h), where h = x + residual (stored back
+ * into residual) when residual is given, else h = x. HF: normed = (h * rsqrt(mean(h^2)
+ * + eps)) cast to the dtype, then weight * normed in the dtype.
+ *
+ * rotary: in place on rows [T][heads][head_dim] (row stride `stride`), neox rotary
+ * with cos|sin from `cache` [max_pos][head_dim] at each token's position. HF:
+ * (x1 * cos - x2 * sin, x2 * cos + x1 * sin), each product and sum rounded to the
+ * dtype as torch does.
+ *
+ * silu_and_mul: out[t][i] = silu(x[t][i]) * x[t][d + i], silu rounded first (F.silu).
  */
-void heron_add_rms_norm(const void *x, int64_t x_stride, void *residual, int64_t r_stride,
-                        const void *weight, void *out, int64_t o_stride, int64_t rows,
-                        int64_t hidden, float eps, int dt, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) if (rows * hidden >= PARALLEL_MIN_ELEMS)
-    for (int64_t t = 0; t < rows; t++) {
-        float h[hidden];
-        float sum = 0.0f;
-        for (int64_t i = 0; i < hidden; i++) {
-            float v = ld(x, t * x_stride + i, dt);
-            if (residual) {
-                v = rnd(v + ld(residual, t * r_stride + i, dt), dt);
-                st(residual, t * r_stride + i, v, dt);
-            }
-            h[i] = v;
-            sum += v * v;
-        }
-        float inv = 1.0f / sqrtf(sum / (float)hidden + eps);
-        for (int64_t i = 0; i < hidden; i++) {
-            float normed = rnd(h[i] * inv, dt);
-            st(out, t * o_stride + i, ld(weight, i, dt) * normed, dt);
-        }
-    }
+#define OPS(T, SFX)                                                                          \
+static void add_rms_norm_##SFX(const T *x, int64_t xs, T *res, int64_t rs, const T *w,       \
+                               T *out, int64_t os, int64_t rows, int64_t hidden, float eps,  \
+                               int nthreads) {                                               \
+    _Pragma("omp parallel for num_threads(nthreads) if (rows * hidden >= PARALLEL_MIN_ELEMS)") \
+    for (int64_t t = 0; t < rows; t++) {                                                     \
+        float h[hidden];                                                                     \
+        if (res) {                                                                           \
+            for (int64_t i = 0; i < hidden; i++) {                                           \
+                float v = SFX##_rnd(SFX##_ld(x, t * xs + i) + SFX##_ld(res, t * rs + i));    \
+                SFX##_st(res, t * rs + i, v);                                                \
+                h[i] = v;                                                                    \
+            }                                                                                \
+        } else {                                                                             \
+            for (int64_t i = 0; i < hidden; i++) h[i] = SFX##_ld(x, t * xs + i);             \
+        }                                                                                    \
+        float sum = 0.0f;                                                                    \
+        for (int64_t i = 0; i < hidden; i++) sum += h[i] * h[i];                             \
+        float inv = 1.0f / sqrtf(sum / (float)hidden + eps);                                 \
+        for (int64_t i = 0; i < hidden; i++)                                                 \
+            SFX##_st(out, t * os + i, SFX##_ld(w, i) * SFX##_rnd(h[i] * inv));              \
+    }                                                                                        \
+}                                                                                            \
+                                                                                             \
+static void rotary_##SFX(T *x, int64_t stride, int64_t rows, int64_t heads, int64_t dim,     \
+                         const int64_t *positions, const T *cache, int nthreads) {           \
+    int64_t half = dim / 2;                                                                  \
+    _Pragma("omp parallel for num_threads(nthreads) if (rows * heads * dim >= PARALLEL_MIN_ELEMS)") \
+    for (int64_t t = 0; t < rows; t++) {                                                     \
+        const T *cs = cache + positions[t] * dim;                                            \
+        for (int64_t h = 0; h < heads; h++) {                                                \
+            T *row = x + t * stride + h * dim;                                               \
+            for (int64_t i = 0; i < half; i++) {                                             \
+                float c = SFX##_ld(cs, i), s = SFX##_ld(cs, half + i);                       \
+                float x1 = SFX##_ld(row, i), x2 = SFX##_ld(row, half + i);                   \
+                float a = SFX##_rnd(SFX##_rnd(x1 * c) - SFX##_rnd(x2 * s));                  \
+                float b = SFX##_rnd(SFX##_rnd(x2 * c) + SFX##_rnd(x1 * s));                  \
+                SFX##_st(row, i, a);                                                         \
+                SFX##_st(row, half + i, b);                                                  \
+            }                                                                                \
+        }                                                                                    \
+    }                                                                                        \
+}                                                                                            \
+                                                                                             \
+static void silu_and_mul_##SFX(const T *x, int64_t xs, T *out, int64_t os, int64_t rows,     \
+                               int64_t d, int nthreads) {                                    \
+    _Pragma("omp parallel for num_threads(nthreads) if (rows * d >= PARALLEL_MIN_ELEMS)")    \
+    for (int64_t t = 0; t < rows; t++) {                                                     \
+        for (int64_t i = 0; i < d; i++) {                                                    \
+            float g = SFX##_ld(x, t * xs + i), u = SFX##_ld(x, t * xs + d + i);              \
+            float silu = SFX##_rnd(g / (1.0f + vexpf(-g)));                                  \
+            SFX##_st(out, t * os + i, silu * u);                                             \
+        }                                                                                    \
+    }                                                                                        \
 }
 
-/*
- * In place on rows [T][heads][head_dim] (row stride `stride`): neox rotary with
- * cos|sin taken from `cache` [max_pos][head_dim] (first half cos, second half
- * sin) at each token's position. HF: (x1 * cos - x2 * sin, x2 * cos + x1 * sin),
- * each product and sum rounded to the dtype as torch does.
- */
-void heron_rotary(void *x, int64_t stride, int64_t rows, int64_t heads, int64_t head_dim,
+OPS(float, f32)
+OPS(uint16_t, bf16)
+
+void heron_add_rms_norm(const void *x, int64_t xs, void *res, int64_t rs, const void *w,
+                        void *out, int64_t os, int64_t rows, int64_t hidden, float eps, int dt,
+                        int nthreads) {
+    if (dt == DT_BF16) add_rms_norm_bf16(x, xs, res, rs, w, out, os, rows, hidden, eps, nthreads);
+    else add_rms_norm_f32(x, xs, res, rs, w, out, os, rows, hidden, eps, nthreads);
+}
+
+void heron_rotary(void *x, int64_t stride, int64_t rows, int64_t heads, int64_t dim,
                   const int64_t *positions, const void *cache, int dt, int nthreads) {
-    int64_t half = head_dim / 2;
-#pragma omp parallel for num_threads(nthreads) if (rows * heads * head_dim >= PARALLEL_MIN_ELEMS)
-    for (int64_t t = 0; t < rows; t++) {
-        int64_t c0 = positions[t] * head_dim;
-        for (int64_t h = 0; h < heads; h++) {
-            int64_t base = t * stride + h * head_dim;
-            for (int64_t i = 0; i < half; i++) {
-                float c = ld(cache, c0 + i, dt), s = ld(cache, c0 + half + i, dt);
-                float x1 = ld(x, base + i, dt), x2 = ld(x, base + half + i, dt);
-                float a = rnd(rnd(x1 * c, dt) - rnd(x2 * s, dt), dt);
-                float b = rnd(rnd(x2 * c, dt) + rnd(x1 * s, dt), dt);
-                st(x, base + i, a, dt);
-                st(x, base + half + i, b, dt);
-            }
-        }
-    }
+    if (dt == DT_BF16) rotary_bf16(x, stride, rows, heads, dim, positions, cache, nthreads);
+    else rotary_f32(x, stride, rows, heads, dim, positions, cache, nthreads);
 }
 
-/* out[t][i] = silu(x[t][i]) * x[t][d + i], silu rounded to the dtype first (as F.silu). */
-void heron_silu_and_mul(const void *x, int64_t x_stride, void *out, int64_t o_stride,
-                        int64_t rows, int64_t d, int dt, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) if (rows * d >= PARALLEL_MIN_ELEMS)
-    for (int64_t t = 0; t < rows; t++) {
-        for (int64_t i = 0; i < d; i++) {
-            float g = ld(x, t * x_stride + i, dt);
-            float u = ld(x, t * x_stride + d + i, dt);
-            float silu = rnd(g / (1.0f + expf(-g)), dt);
-            st(out, t * o_stride + i, silu * u, dt);
-        }
-    }
+void heron_silu_and_mul(const void *x, int64_t xs, void *out, int64_t os, int64_t rows,
+                        int64_t d, int dt, int nthreads) {
+    if (dt == DT_BF16) silu_and_mul_bf16(x, xs, out, os, rows, d, nthreads);
+    else silu_and_mul_f32(x, xs, out, os, rows, d, nthreads);
 }
