@@ -188,6 +188,10 @@ class LLMEngine:
         """Schedule, run the model once, and return outputs of requests that progressed."""
         sched = self.scheduler.schedule()
         if sched.is_empty:
+            if self.scheduler.num_waiting and not self.scheduler.num_running:
+                # Cannot happen while max_model_len fits the cache; fail loudly, never spin.
+                raise RuntimeError(f"no request could be scheduled: {self.scheduler.num_waiting} "
+                                   f"waiting, {self.scheduler.kv.num_free_blocks} free KV blocks")
             return []
         result = self.executor.execute_model(sched)
         updated = self.scheduler.update_from_output(sched, result)
