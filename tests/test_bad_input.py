@@ -98,3 +98,5 @@ def test_unknown_engine_argument_and_bad_values(tiny_llama):
         LLM(tiny_llama, block_size=3)
     with pytest.raises(ValueError, match="max_model_len"):
         LLM(tiny_llama, max_model_len=100000)
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        LLM(tiny_llama, max_model_len=256, enable_chunked_prefill=False, max_num_batched_tokens=64)

@@ -67,6 +67,7 @@ class LLMEngine:
         self.eos_token_ids = resolve_eos_token_ids(model_path, self.tokenizer)
         self.executor = self.platform.executor_class()(config, self.platform, model_path)
         self.max_model_len = self._resolve_max_model_len()
+        self._check_budget()
         num_blocks = self.executor.determine_num_blocks()
         self._check_capacity(num_blocks)
         self.executor.initialize_cache(num_blocks)
@@ -89,6 +90,15 @@ class LLMEngine:
             raise ValueError(f"max_model_len={wanted} is longer than the model's context "
                              f"({model_max}); use at most {model_max}")
         return wanted
+
+    def _check_budget(self) -> None:
+        sched = self.config.scheduler
+        if not sched.enable_chunked_prefill and sched.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"without chunked prefill a whole prompt must fit one step: "
+                f"max_num_batched_tokens ({sched.max_num_batched_tokens}) must be at least "
+                f"max_model_len ({self.max_model_len}); raise it, lower max_model_len or enable "
+                "chunked prefill")
 
     def _check_capacity(self, num_blocks: int) -> None:
         capacity = num_blocks * self.config.cache.block_size
