@@ -13,14 +13,14 @@ from heron.platforms.probes import module_installed, try_import
 class OpenVinoPlatform(PendingPlatform):
     name = "openvino"
     device_type = "cpu"   # OpenVINO takes host tensors; it places work on its own devices
-    priority = 10         # above cpu: installing heron[openvino] asks for it on the same host
+    priority = 10         # above cpu: installing openvino asks for it on the same host
     missing = "OpenVINO execution path (model compilation, paged attention)"
 
     def detect(self) -> Detection:
         # There is no device file to probe: OpenVINO's devices are enumerated by its
         # runtime, which is only imported when the package is there at all.
         if not module_installed("openvino"):
-            return Detection(False, "openvino is not installed (pip install heron[openvino])")
+            return Detection(False, "openvino is not installed (pip install openvino)")
         ov, error = try_import("openvino")
         if ov is None:
             return Detection(False, f"openvino does not import: {error}")
