@@ -78,7 +78,7 @@ def _choose_by_name(pm: HeronPluginManager, name: str) -> PlatformEntry:
     matches = [e for e in pm.platforms() if e.platform.name.lower() == name.lower()]
     if len(matches) > 1:
         raise PlatformError(f"device={name!r} is ambiguous: " + " and ".join(map(_who, matches))
-                            + f" share the name; uninstall one or leave one out with HERON_PLUGINS")
+                            + " share the name; uninstall one or leave one out with HERON_PLUGINS")
     if matches:
         entry = matches[0]
         if not entry.detection.available:

@@ -7,10 +7,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from starlette.responses import Response
+
 from heron.core.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
+from heron.core.outputs import RequestOutput
 from heron.core.sampling_params import SamplingParams
 from heron.entrypoints.openai.errors import OpenAIError, bad_request
 from heron.entrypoints.openai.metrics import ServerMetrics
+from heron.entrypoints.openai.streaming import (ClientDisconnected, final_outputs,
+                                                unless_disconnected)
 
 
 @dataclass
@@ -126,6 +131,19 @@ async def submit(state: ServerState, request_id: str, prompts: list[EnginePrompt
 def close_all(streams: list[RequestStream]) -> None:
     for stream in streams:
         stream.close()
+
+
+async def collect_finished(streams: list[RequestStream], raw: Any) -> list[RequestOutput] | Response:
+    """The final output of each stream for a non-streaming response; a 499 response if
+    the client left first. The streams are closed (unfinished requests aborted) either way."""
+    try:
+        return await unless_disconnected(final_outputs(streams), raw)
+    except ClientDisconnected:
+        return Response(status_code=499)  # nobody reads it; the requests are aborted below
+    except EngineDeadError as e:
+        raise OpenAIError(500, str(e)) from e
+    finally:
+        close_all(streams)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

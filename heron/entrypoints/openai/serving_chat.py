@@ -10,13 +10,12 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from heron.core.async_engine import EngineDeadError, RequestStream
 from heron.core.outputs import CompletionOutput, RequestOutput
-from heron.entrypoints.openai.errors import OpenAIError, error_body
+from heron.entrypoints.openai.errors import error_body
 from heron.entrypoints.openai.logprobs import chat_logprobs
 from heron.entrypoints.openai.protocol import ChatCompletionRequest
-from heron.entrypoints.openai.serving import (EnginePrompt, ServerState, close_all, random_id,
-                                              submit, usage)
-from heron.entrypoints.openai.streaming import (DONE, ChoiceTracker, ClientDisconnected,
-                                                final_outputs, sse, unless_disconnected)
+from heron.entrypoints.openai.serving import (EnginePrompt, ServerState, collect_finished,
+                                              random_id, submit, usage)
+from heron.entrypoints.openai.streaming import DONE, ChoiceTracker, sse
 
 
 @dataclass
@@ -52,14 +51,9 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     streams = await submit(state, call.request_id, [EnginePrompt(token_ids)], params)
     if body.stream:
         return StreamingResponse(_stream(call, streams[0]), media_type="text/event-stream")
-    try:
-        outputs = await unless_disconnected(final_outputs(streams), raw)
-    except ClientDisconnected:
-        return Response(status_code=499)  # nobody reads it; the request is aborted below
-    except EngineDeadError as e:
-        raise OpenAIError(500, str(e)) from e
-    finally:
-        close_all(streams)
+    outputs = await collect_finished(streams, raw)
+    if isinstance(outputs, Response):
+        return outputs
     return JSONResponse(_full_response(call, outputs[0]))
 
 

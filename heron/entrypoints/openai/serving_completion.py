@@ -10,14 +10,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from heron.core.async_engine import EngineDeadError, RequestStream
 from heron.core.outputs import CompletionOutput, RequestOutput
-from heron.entrypoints.openai.errors import OpenAIError, error_body
+from heron.entrypoints.openai.errors import error_body
 from heron.entrypoints.openai.logprobs import completion_logprobs
 from heron.entrypoints.openai.protocol import CompletionRequest
-from heron.entrypoints.openai.serving import (EnginePrompt, ServerState, close_all, random_id,
+from heron.entrypoints.openai.serving import (EnginePrompt, ServerState, close_all,
+                                              collect_finished, random_id,
                                               submit, usage)
-from heron.entrypoints.openai.streaming import (DONE, ChoiceTracker, ClientDisconnected,
-                                                final_outputs, merge_streams, sse,
-                                                unless_disconnected)
+from heron.entrypoints.openai.streaming import DONE, ChoiceTracker, merge_streams, sse
 
 
 @dataclass
@@ -61,14 +60,9 @@ async def create_completion(state: ServerState, body: CompletionRequest,
     streams = await submit(state, call.request_id, prompts, params)
     if body.stream:
         return StreamingResponse(_stream(call, streams), media_type="text/event-stream")
-    try:
-        outputs = await unless_disconnected(final_outputs(streams), raw)
-    except ClientDisconnected:
-        return Response(status_code=499)  # nobody reads it; the requests are aborted below
-    except EngineDeadError as e:
-        raise OpenAIError(500, str(e)) from e
-    finally:
-        close_all(streams)
+    outputs = await collect_finished(streams, raw)
+    if isinstance(outputs, Response):
+        return outputs
     return JSONResponse(_full_response(call, outputs))
 
 
