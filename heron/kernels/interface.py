@@ -35,6 +35,8 @@ class AttentionMetadata:
     # Host copies, for backends that split the batch in Python.
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    # Position of each token in its sequence (int64 [num_tokens]); the model's input too.
+    positions: torch.Tensor | None = None
 
     @property
     def query_lens_cpu(self) -> list[int]:

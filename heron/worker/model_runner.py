@@ -97,10 +97,9 @@ class ModelRunner:
         block_ids = [list(range(b, b + n)) for b, n in zip(first_block, blocks_per_seq)]
         meta = self._metadata(block_ids, [0] * len(lens), lens)
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-        positions = torch.cat([torch.arange(n) for n in lens]).to(self.device)
         start = time.perf_counter()
         with set_forward_context(ForwardContext(meta, caches, self.backend, self.layer_ops)):
-            hidden = self.model(ids, positions)
+            hidden = self.model(ids, meta.positions)
         self.model.compute_logits(hidden[-1:])
         return time.perf_counter() - start
 
@@ -142,10 +141,9 @@ class ModelRunner:
                 sample_items.append(item)
         query_lens = [item.num_new_tokens for item in sched.scheduled]
         meta = self._metadata([item.block_ids for item in sched.scheduled], starts, query_lens)
-        positions = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, query_lens)])
         input_ids = torch.tensor([t for chunk in token_chunks for t in chunk], dtype=torch.long)
-        return StepInputs(input_ids.to(self.device), torch.from_numpy(positions).to(self.device),
-                          meta, sample_rows, sample_items)
+        return StepInputs(input_ids.to(self.device), meta.positions, meta, sample_rows,
+                          sample_items)
 
     def _metadata(self, block_ids: list[list[int]], starts: list[int],
                   query_lens: list[int]) -> AttentionMetadata:
@@ -169,7 +167,8 @@ class ModelRunner:
             block_tables=torch.from_numpy(table).to(dev),
             slot_mapping=torch.from_numpy(slots).to(dev),
             max_query_len=max(query_lens), max_seq_len=max(seq_lens), block_size=bs,
-            query_start_loc_cpu=query_start.tolist(), seq_lens_cpu=seq_lens)
+            query_start_loc_cpu=query_start.tolist(), seq_lens_cpu=seq_lens,
+            positions=torch.from_numpy(positions).to(dev))
 
     def _prompt_logprobs(self, sched: SchedulerOutput, hidden: torch.Tensor,
                          result: ModelRunnerOutput) -> None:
