@@ -365,8 +365,13 @@ def test_platforms_without_execution_refuse_clearly(name, tiny_llama, monkeypatc
 
     platform = next(e.platform for e in make_plugin_manager().platforms() if e.platform.name == name)
     monkeypatch.setattr(type(platform), "detect", lambda self: self.available("pretend device"))
-    with pytest.raises(ValueError, match=f"cannot run models on {name} yet"):
+    # Hardware present but no execution path: unavailable, so auto still picks cpu ...
+    assert resolve_platform("auto").name == "cpu"
+    # ... and naming it fails with a reason that says both.
+    with pytest.raises(PlatformError, match=f"pretend device found, but heron cannot run models "
+                                            f"on {name} yet"):
         LLM(tiny_llama, device=name)
+    assert platform.validate(EngineConfig.create()) == [platform.not_ready()]
     with pytest.raises(NotImplementedError, match="not implemented"):
         platform.executor_class()
 

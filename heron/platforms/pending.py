@@ -1,8 +1,10 @@
 """A base for built-in platforms whose detection works but whose execution is not built yet.
 
-Such a platform is listed by ``heron platforms`` with an honest detection result,
-and can be chosen (by name, or by "auto" through its priority), but then refuses
-to start with an error that says so: it never hands the work to another device.
+Such a platform is listed by ``heron platforms`` with an honest detection result.
+When its hardware is present it still reports itself *unavailable*, with a reason
+that says the hardware was found and what heron lacks to use it: so `device="auto"`
+never picks a platform that cannot run, and `device="NAME"` fails with that reason.
+It never hands the work to another device.
 """
 from __future__ import annotations
 
@@ -31,8 +33,9 @@ class PendingPlatform(Platform):
                 "`heron platforms` lists them")
 
     def available(self, reason: str) -> Detection:
-        """An available Detection whose reason also says that execution is missing."""
-        return Detection(True, f"{reason} (execution not implemented yet)")
+        """What detect() returns when the hardware is there: still unavailable, because
+        execution is missing, with both facts in the reason."""
+        return Detection(False, f"{reason} found, but {self.not_ready()}")
 
     def validate(self, config: "EngineConfig") -> list[str]:
         return [self.not_ready()]
