@@ -78,7 +78,10 @@ class ModelRunner:
 
     def initialize_cache(self, num_blocks: int) -> None:
         shape = self.kv_cache_shape(num_blocks)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # Uninitialised on purpose: blocks are recycled without clearing anyway, so no
+        # backend may read a slot this sequence has not written; and untouched pages of a
+        # large cache cost neither time nor resident memory.
+        self.kv_caches = [torch.empty(shape, dtype=self.dtype, device=self.device)
                           for _ in range(self.num_layers)]
 
     @torch.inference_mode()
