@@ -219,6 +219,20 @@ INLINE const char *vslab(const Ctx *c, int blk, int kvh) {
 #define PREFETCH(p) __builtin_prefetch((p), 0, PF_HINT)
 #endif
 
+/* Two cache lines of the next block's keys and of this block's values, spread over
+ * the Q @ K^T loop so that the reads overlap the arithmetic. */
+INLINE void prefetch_two_lines(const char *pfk, const char *pfv, int line, int slab_lines) {
+    if (line >= slab_lines) return;
+    if (pfk) {
+        PREFETCH(pfk + line * 64);
+        PREFETCH(pfk + line * 64 + 64);
+    }
+    if (pfv) {
+        PREFETCH(pfv + line * 64);
+        PREFETCH(pfv + line * 64 + 64);
+    }
+}
+
 /* Scores of rows r0..r0+NR-1 against the keys seg0+col0 .. seg0+col1-1 (within
  * one block), scaled and causally masked, into the score rows. Works in chunks
  * of up to 16 keys: one vector of scores per row.
@@ -257,14 +271,7 @@ INLINE void qk_tile(const Ctx *c, Item *it, int r0, const int NR, const int BF16
         if (BF16) {
             const uint32_t *kw = (const uint32_t *)ks + off;
             for (int j = 0; j < D / 2; j += 2, line += 2) {
-                if (pfk && line < slab_lines) {
-                    PREFETCH(pfk + line * 64);
-                    PREFETCH(pfk + line * 64 + 64);
-                }
-                if (pfv && line < slab_lines) {
-                    PREFETCH(pfv + line * 64);
-                    PREFETCH(pfv + line * 64 + 64);
-                }
+                prefetch_two_lines(pfk, pfv, line, slab_lines);
                 vu kv = vload_u32_n(kw + (int64_t)j * B, n);
                 vu kv2 = vload_u32_n(kw + (int64_t)(j + 1) * B, n);
 #if defined(__AVX512BF16__)
@@ -293,14 +300,7 @@ INLINE void qk_tile(const Ctx *c, Item *it, int r0, const int NR, const int BF16
         } else {
             const float *kf = (const float *)ks + off;
             for (int d = 0; d < D; d += 2, line += 2) {
-                if (pfk && line < slab_lines) {
-                    PREFETCH(pfk + line * 64);
-                    PREFETCH(pfk + line * 64 + 64);
-                }
-                if (pfv && line < slab_lines) {
-                    PREFETCH(pfv + line * 64);
-                    PREFETCH(pfv + line * 64 + 64);
-                }
+                prefetch_two_lines(pfk, pfv, line, slab_lines);
                 vf kv = vload_n(kf + (int64_t)d * B, n);
                 vf kv2 = vload_n(kf + (int64_t)(d + 1) * B, n);
 #pragma GCC unroll 12
