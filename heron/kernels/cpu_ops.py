@@ -48,6 +48,7 @@ def _rows_ok(t: torch.Tensor, dtype: torch.dtype) -> bool:
 class CpuLayerOps(LayerOps):
     def __init__(self, lib: ctypes.CDLL) -> None:
         self._lib = lib
+        self._checked_positions: torch.Tensor | None = None
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor | None) -> torch.Tensor | None:
@@ -72,9 +73,12 @@ class CpuLayerOps(LayerOps):
                 or positions.dtype != torch.int64 or not positions.is_contiguous()):
             return False
         rows, heads, head_dim = x.shape
-        if rows and int(positions.max()) >= cos_sin_cache.shape[0]:
-            raise ValueError(f"position {int(positions.max())} is past the rotary cache "
-                             f"({cos_sin_cache.shape[0]} positions)")
+        # Every layer of a step passes the same positions: bound-check them once.
+        if rows and positions is not self._checked_positions:
+            if int(positions.max()) >= cos_sin_cache.shape[0]:
+                raise ValueError(f"position {int(positions.max())} is past the rotary cache "
+                                 f"({cos_sin_cache.shape[0]} positions)")
+            self._checked_positions = positions
         self._lib.heron_rotary(x.data_ptr(), x.stride(0), rows, heads, head_dim,
                                positions.data_ptr(), cos_sin_cache.data_ptr(), dt,
                                torch.get_num_threads())
