@@ -7,32 +7,20 @@ ask for prompt logprobs, at their prompt positions).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from heron.config import EngineConfig
-from heron.core.request import PositionLogprobs
-from heron.core.scheduler import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from heron.core.scheduler import ModelRunnerOutput, SchedulerOutput
 from heron.forward_context import ForwardContext, set_forward_context
-from heron.kernels.interface import AttentionMetadata
 from heron.logger import get_logger
 from heron.models.loader import load_model
 from heron.platforms.interface import Platform
-from heron.worker.sampler import Sampler, top_logprobs
+from heron.worker.sampler import Sampler
+from heron.worker.step_inputs import build_metadata, outputs_from_logits, prepare_inputs
 
 logger = get_logger(__name__)
-
-
-@dataclass
-class StepInputs:
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    meta: AttentionMetadata
-    # Row in the flat batch of each request's last token, for requests that sample.
-    sample_rows: list[int]
-    sample_items: list[ScheduledRequest]
 
 
 class ModelRunner:
@@ -98,7 +86,7 @@ class ModelRunner:
                               device=self.device) for _ in range(self.num_layers)]
         first_block = np.cumsum([0] + blocks_per_seq[:-1])
         block_ids = [list(range(b, b + n)) for b, n in zip(first_block, blocks_per_seq)]
-        meta = self._metadata(block_ids, [0] * len(lens), lens)
+        meta = build_metadata(block_ids, [0] * len(lens), lens, self.block_size, self.device)
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         start = time.perf_counter()
         with set_forward_context(ForwardContext(meta, caches, self.backend, self.layer_ops)):
@@ -110,82 +98,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        result = ModelRunnerOutput()
         if sched.is_empty:
-            return result
-        inputs = self._prepare_inputs(sched)
+            return ModelRunnerOutput()
+        inputs = prepare_inputs(sched, self.block_size, self.device)
         with set_forward_context(ForwardContext(inputs.meta, self.kv_caches, self.backend,
                                                    self.layer_ops)):
             hidden = self.model(inputs.input_ids, inputs.positions)
-        self._prompt_logprobs(sched, hidden, result)
-        if inputs.sample_rows:
-            rows = torch.tensor(inputs.sample_rows, device=self.device)
-            logits = self.model.compute_logits(hidden[rows])
-            requests = [item.request for item in inputs.sample_items]
-            sampled = self.sampler(logits, requests)
-            for i, request in enumerate(requests):
-                rid = request.request_id
-                result.sampled_token_ids[rid] = sampled.token_ids[i]
-                if sampled.logprobs[i] is not None:
-                    result.logprobs[rid] = sampled.logprobs[i]
-                    result.sampled_logprob[rid] = sampled.sampled_logprob[i]
-        return result
-
-    def _prepare_inputs(self, sched: SchedulerOutput) -> StepInputs:
-        token_chunks, starts, sample_rows, sample_items = [], [], [], []
-        row = 0
-        for item in sched.scheduled:
-            start, n = item.start, item.num_new_tokens
-            token_chunks.append(item.request.all_token_ids[start:start + n])
-            starts.append(start)
-            row += n
-            if item.completes_sequence:
-                sample_rows.append(row - 1)
-                sample_items.append(item)
-        query_lens = [item.num_new_tokens for item in sched.scheduled]
-        meta = self._metadata([item.block_ids for item in sched.scheduled], starts, query_lens)
-        input_ids = torch.tensor([t for chunk in token_chunks for t in chunk], dtype=torch.long)
-        return StepInputs(input_ids.to(self.device), meta.positions, meta, sample_rows,
-                          sample_items)
-
-    def _metadata(self, block_ids: list[list[int]], starts: list[int],
-                  query_lens: list[int]) -> AttentionMetadata:
-        num_seqs = len(block_ids)
-        seq_lens = [s + n for s, n in zip(starts, query_lens)]
-        width = max(len(b) for b in block_ids)
-        table = np.zeros((num_seqs, width), dtype=np.int32)
-        for i, ids in enumerate(block_ids):
-            table[i, :len(ids)] = ids
-        query_start = np.zeros(num_seqs + 1, dtype=np.int32)
-        np.cumsum(query_lens, out=query_start[1:])
-        seq_index = np.repeat(np.arange(num_seqs), query_lens)
-        positions = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, query_lens)])
-        bs = self.block_size
-        slots = table[seq_index, positions // bs].astype(np.int64) * bs + positions % bs
-        dev = self.device
-        return AttentionMetadata(
-            num_seqs=num_seqs, num_tokens=int(query_start[-1]),
-            query_start_loc=torch.from_numpy(query_start).to(dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.from_numpy(table).to(dev),
-            slot_mapping=torch.from_numpy(slots).to(dev),
-            max_query_len=max(query_lens), max_seq_len=max(seq_lens), block_size=bs,
-            query_start_loc_cpu=query_start.tolist(), seq_lens_cpu=seq_lens,
-            positions=torch.from_numpy(positions).to(dev))
-
-    def _prompt_logprobs(self, sched: SchedulerOutput, hidden: torch.Tensor,
-                         result: ModelRunnerOutput) -> None:
-        """Log-probabilities of prompt tokens 1.. from the hidden states before them."""
-        row = 0
-        for item in sched.scheduled:
-            request, start, n = item.request, item.start, item.num_new_tokens
-            k = request.sampling_params.prompt_logprobs
-            last = min(start + n, request.num_prompt_tokens - 1)  # last predicted prompt position
-            if k is not None and last > start:
-                count = last - start
-                logprobs = torch.log_softmax(self.model.compute_logits(hidden[row:row + count]), -1)
-                targets = request.prompt_token_ids[start + 1:last + 1]
-                positions: list[PositionLogprobs] = [top_logprobs(logprobs[j], targets[j], k)[0]
-                                                     for j in range(count)]
-                result.prompt_logprobs[request.request_id] = positions
-            row += n
+        rows = inputs.logits_rows()
+        if not rows:
+            return ModelRunnerOutput()
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        return outputs_from_logits(inputs, logits, self.sampler)
