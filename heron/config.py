@@ -42,8 +42,11 @@ class ModelConfig:
 
 @dataclass
 class CacheConfig:
-    """The paged KV cache: block size, prefix caching and how much memory it gets."""
-    block_size: int = 16
+    """The paged KV cache: block size, prefix caching and how much memory it gets.
+
+    `block_size=None` takes the platform's default (16 on most; what the device
+    requires where it fixes one, e.g. 32 on openvino's CPU device)."""
+    block_size: int | None = None
     enable_prefix_caching: bool = True
     # An explicit size wins over the platform's own estimate.
     kv_cache_memory_bytes: int | None = None
@@ -51,7 +54,8 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
 
     def __post_init__(self) -> None:
-        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+        if self.block_size is not None and (self.block_size < 1
+                                            or self.block_size & (self.block_size - 1)):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
             raise ValueError("num_gpu_blocks_override must be at least 1, "

@@ -28,6 +28,15 @@ ENV_VARS: dict[str, EnvVar] = {
         EnvVar("HERON_CPU_KVCACHE_SPACE", "4", "GiB of memory for the KV cache on the cpu platform"),
         EnvVar("HERON_CPU_NUM_THREADS", None, "torch threads on the cpu platform (default: all cores)"),
         EnvVar("HERON_CPU_ATTENTION", "auto", "cpu attention backend: auto, native (C kernel) or reference"),
+        EnvVar("HERON_OPENVINO_DEVICE", "CPU", "OpenVINO device the openvino platform compiles for"),
+        EnvVar("HERON_OPENVINO_KVCACHE_SPACE", "4", "GiB of memory for the KV cache on the openvino platform"),
+        EnvVar("HERON_OPENVINO_INFERENCE_PRECISION", None, "openvino compute precision: f32, bf16 or f16 "
+               "(default: f32 for float32 models, else the device's default)"),
+        EnvVar("HERON_OPENVINO_KV_CACHE_PRECISION", None, "openvino KV-cache precision: u8, f16, bf16 "
+               "or f32 (default: the inference precision)"),
+        EnvVar("HERON_OPENVINO_NUM_THREADS", None, "OpenVINO inference threads (default: all cores)"),
+        EnvVar("HERON_OPENVINO_CACHE_DIR", None, "converted and compiled OpenVINO models "
+               "(default HERON_CACHE_DIR/openvino)"),
         EnvVar("HERON_API_KEY", None, "API key `heron serve` requires on /v1/* (same as --api-key)"),
         EnvVar("HERON_LOGGING_LEVEL", "INFO", "log level of the heron logger"),
     ]

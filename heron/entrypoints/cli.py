@@ -72,7 +72,8 @@ def _add_serve_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--max-num-batched-tokens", type=int, default=2048)
     serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                        default=True)
-    serve.add_argument("--block-size", type=int, default=16)
+    serve.add_argument("--block-size", type=int, default=None,
+                       help="tokens per KV block (default: the platform's, 16 on cpu)")
     serve.add_argument("--kv-cache-memory-bytes", type=int, default=None,
                        help="KV-cache size in bytes (default: the platform's estimate)")
     serve.add_argument("--chat-template", default=None,

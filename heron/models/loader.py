@@ -60,6 +60,26 @@ def load_model(model_dir: str, dtype: str = "auto",
     return LoadedModel(model=model, hf_config=hf_config, dtype=torch_dtype, max_model_len=max_len)
 
 
+@dataclass
+class ModelDescription:
+    """What a model folder holds, read without loading weights."""
+    folder: Path
+    weight_files: list[Path]
+    hf_config: Any
+    dtype: torch.dtype
+    max_model_len: int
+
+
+def describe_model(model_dir: str, dtype: str = "auto") -> ModelDescription:
+    """Check `model_dir` and read its config (same errors as `load_model`); no weights load."""
+    folder = _check_folder(model_dir)
+    files = safetensors_files(folder)
+    hf_config = _read_config(folder)
+    ModelRegistry.resolve(list(getattr(hf_config, "architectures", None) or []))
+    return ModelDescription(folder, files, hf_config, resolve_dtype(dtype, hf_config),
+                            _max_model_len(hf_config))
+
+
 def resolve_dtype(dtype: str, hf_config: Any) -> torch.dtype:
     """The torch dtype for a user's `dtype` string, reading the config for `auto`."""
     if dtype in _DTYPES:

@@ -46,6 +46,8 @@ class Capabilities:
     (`auto`: the model's). `prefix_caching` and `chunked_prefill` may be refused by
     `validate()` when False. `tensor_parallel` and `graph_capture` say whether the
     platform's executor shards a model over several devices and captures graphs.
+    `block_sizes` are the KV block sizes the platform's attention takes (empty: any
+    power of two); the smallest is the default when the user names none.
     """
     dtypes: frozenset[str] = frozenset({"float32"})
     kv_cache_dtypes: frozenset[str] = frozenset({"auto"})
@@ -53,6 +55,12 @@ class Capabilities:
     chunked_prefill: bool = True
     tensor_parallel: bool = False
     graph_capture: bool = False
+    block_sizes: frozenset[int] = frozenset()
+
+    @property
+    def default_block_size(self) -> int:
+        """The block size used when the configuration leaves it unset."""
+        return min(self.block_sizes) if self.block_sizes else 16
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,11 @@ class Platform(ABC):
             reasons.append(f"dtype {dtype} is not supported on {self.name} (supported: {supported})")
         if config.cache.enable_prefix_caching and not self.capabilities.prefix_caching:
             reasons.append(f"{self.name} has no prefix caching; pass enable_prefix_caching=False")
+        sizes = self.capabilities.block_sizes
+        if config.cache.block_size is not None and sizes and config.cache.block_size not in sizes:
+            allowed = ", ".join(map(str, sorted(sizes)))
+            reasons.append(f"block_size {config.cache.block_size} is not supported on {self.name} "
+                           f"(supported: {allowed}); pass block_size={min(sizes)} or leave it unset")
         if config.scheduler.enable_chunked_prefill and not self.capabilities.chunked_prefill:
             reasons.append(f"{self.name} has no chunked prefill; pass enable_chunked_prefill=False")
         return reasons

@@ -6,11 +6,15 @@ tensor parallelism (several processes, or Ray) implement the same four methods.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 from heron.config import EngineConfig
 from heron.core.scheduler import ModelRunnerOutput, SchedulerOutput
 from heron.logger import get_logger
 from heron.platforms.interface import MemoryProfile, Platform
+
+if TYPE_CHECKING:
+    from heron.worker.model_runner import ModelRunner
 
 logger = get_logger(__name__)
 
@@ -42,11 +46,15 @@ class Executor(ABC):
 class UniProcExecutor(Executor):
     def __init__(self, config: EngineConfig, platform: Platform, model_path: str) -> None:
         super().__init__(config, platform, model_path)
-        from heron.worker.model_runner import ModelRunner  # torch stays out of detection paths
-
         platform.set_up_process()
         platform.seed_everything(config.model.seed)
-        self.runner = ModelRunner(config, platform, model_path)
+        self.runner = self.make_runner()
+
+    def make_runner(self) -> "ModelRunner":
+        """The model runner this executor drives; a platform whose models do not run in torch
+        subclasses the executor and returns its own (same methods as `ModelRunner`)."""
+        from heron.worker.model_runner import ModelRunner  # torch stays out of detection paths
+        return ModelRunner(self.config, self.platform, self.model_path)
 
     @property
     def model_max_len(self) -> int:

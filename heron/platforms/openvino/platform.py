@@ -1,26 +1,58 @@
-"""The openvino platform: Intel CPUs, GPUs and NPUs through the OpenVINO runtime.
+"""The openvino platform: heron's models compiled by OpenVINO, with heron's scheduler and KV
+cache in charge.
 
-Detection only for now; execution (a model compiled by OpenVINO with paged
-attention) lands in its own issue. Until then choosing it is a clear error.
+heron's torch model is converted to OpenVINO once (attention becomes OpenVINO's
+PagedAttention node, see heron/kernels/openvino_attention.py), compiled for the
+OpenVINO device, and run one step per inference with heron's block tables as
+inputs; the KV cache is a set of OpenVINO tensors heron allocates and whose
+blocks heron's KV-cache manager hands out. Settings: `OpenVinoOptions`
+(HERON_OPENVINO_* variables).
 """
 from __future__ import annotations
 
-from heron.platforms.interface import Detection
-from heron.platforms.pending import PendingPlatform
-from heron.platforms.probes import module_installed, try_import
+from typing import TYPE_CHECKING
+
+from heron.platforms.interface import Capabilities, Detection, MemoryInfo, MemoryProfile, Platform
+from heron.platforms.probes import host_memory_info, module_installed, try_import
+
+if TYPE_CHECKING:
+    import torch
+
+    from heron.config import EngineConfig
+    from heron.kernels.interface import AttentionBackend
+    from heron.platforms.openvino.options import OpenVinoOptions
+    from heron.worker.executor import Executor
 
 
-class OpenVinoPlatform(PendingPlatform):
+class OpenVinoPlatform(Platform):
+    """OpenVINO's CPU device (Intel and AMD x86 CPUs)."""
+
     name = "openvino"
     device_type = "cpu"   # OpenVINO takes host tensors; it places work on its own devices
     priority = 10         # above cpu: installing openvino asks for it on the same host
-    missing = "OpenVINO execution path (model compilation, paged attention)"
+    # OpenVINO's CPU PagedAttention stores 32 tokens per block, whatever the cache precision.
+    capabilities = Capabilities(dtypes=frozenset({"float32", "bfloat16", "float16"}),
+                                kv_cache_dtypes=frozenset({"auto", "u8", "f16", "bf16", "f32"}),
+                                prefix_caching=True, chunked_prefill=True,
+                                block_sizes=frozenset({32}))
+
+    def __init__(self, options: "OpenVinoOptions | None" = None) -> None:
+        self._options = options
+
+    @property
+    def options(self) -> "OpenVinoOptions":
+        """The settings given to the constructor, else those of the HERON_OPENVINO_* variables
+        (read when first needed, so that detection stays cheap)."""
+        if self._options is None:
+            from heron.platforms.openvino.options import OpenVinoOptions
+            self._options = OpenVinoOptions.from_env()
+        return self._options
 
     def detect(self) -> Detection:
         # There is no device file to probe: OpenVINO's devices are enumerated by its
         # runtime, which is only imported when the package is there at all.
         if not module_installed("openvino"):
-            return Detection(False, "openvino is not installed (pip install openvino)")
+            return Detection(False, "openvino is not installed (pip install 'heron[openvino]')")
         ov, error = try_import("openvino")
         if ov is None:
             return Detection(False, f"openvino does not import: {error}")
@@ -28,8 +60,29 @@ class OpenVinoPlatform(PendingPlatform):
             devices = [str(d) for d in ov.Core().available_devices]  # type: ignore[attr-defined]
         except Exception as e:  # noqa: BLE001 - a broken runtime is a reason, not a crash
             return Detection(False, f"openvino.Core() failed: {type(e).__name__}: {e}")
-        version = getattr(ov, "__version__", "?")
+        version = getattr(ov, "__version__", "?").split("-")[0]
         if not any(d.split(".")[0] == "CPU" for d in devices):
             return Detection(False, f"OpenVINO {version} has no CPU device "
                                     f"(devices: {', '.join(devices) or 'none'})")
-        return self.available(f"OpenVINO {version}, devices {', '.join(devices)}")
+        if not hasattr(getattr(ov, "op", None), "_PagedAttentionExtension"):
+            return Detection(False, f"OpenVINO {version} has no PagedAttention operation "
+                                    "(heron needs openvino>=2026.4)")
+        return Detection(True, f"OpenVINO {version}, devices {', '.join(devices)}")
+
+    def attention_backend(self, dtype: "torch.dtype", head_size: int) -> type["AttentionBackend"]:
+        """The backend models are traced with; OpenVINO's PagedAttention computes it."""
+        from heron.kernels.openvino_attention import OpenVinoTracingAttention
+        return OpenVinoTracingAttention
+
+    def memory_info(self) -> MemoryInfo:
+        return host_memory_info()
+
+    def kv_cache_bytes(self, config: "EngineConfig", profile: MemoryProfile) -> int:
+        """HERON_OPENVINO_KVCACHE_SPACE GiB (default 4), unless kv_cache_memory_bytes is given."""
+        if config.cache.kv_cache_memory_bytes is not None:
+            return config.cache.kv_cache_memory_bytes
+        return int(self.options.kv_cache_space_gib * 2**30)
+
+    def executor_class(self) -> type["Executor"]:
+        from heron.platforms.openvino.executor import OpenVinoExecutor
+        return OpenVinoExecutor

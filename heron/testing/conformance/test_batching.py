@@ -30,9 +30,12 @@ def test_mixed_batch_equals_alone(make_llm: Callable[..., Any], alone: list[list
     assert got == [a[:p.max_tokens] for a, p in zip(alone, params)]
 
 
-def test_preemption_under_a_tiny_kv_cache(make_llm: Callable[..., Any],
+def test_preemption_under_a_tiny_kv_cache(make_llm: Callable[..., Any], platform: Platform,
                                           alone: list[list[int]]) -> None:
-    llm = make_llm(block_size=4, num_gpu_blocks_override=24, max_model_len=64)
+    # Room for about 96 tokens (at least one whole 64-token sequence) for a batch of 12.
+    block_size = 4 if not platform.capabilities.block_sizes else min(platform.capabilities.block_sizes)
+    num_blocks = max(-(-64 // block_size), 96 // block_size)
+    llm = make_llm(block_size=block_size, num_gpu_blocks_override=num_blocks, max_model_len=64)
     assert greedy(llm, PROMPTS) == alone
     scheduler = llm.llm_engine.scheduler
     assert scheduler.num_preemptions > 0, "the KV cache was meant to be too small for the batch"

@@ -1,0 +1,164 @@
+"""The model runner of the openvino platform: heron's scheduler and KV-cache manager decide,
+OpenVINO computes.
+
+Each step is one inference of the compiled model. heron's block tables become the
+PagedAttention inputs (`past_lens`, `subsequence_begins`, `block_indices`,
+`block_indices_begins`); the key and value caches are OpenVINO tensors heron
+allocates once, sized in blocks of the shape the device chose at compile time,
+and bound to the infer request, so the device writes new keys and values into
+heron's blocks in place. Sampling, logprobs and stop handling are heron's own.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from heron.config import EngineConfig
+from heron.core.scheduler import ModelRunnerOutput, SchedulerOutput
+from heron.logger import get_logger
+from heron.models.loader import describe_model
+from heron.platforms.openvino.convert import ConvertedModel, convert, key_cache_name, value_cache_name
+from heron.platforms.openvino.options import OpenVinoOptions
+from heron.worker.sampler import Sampler
+from heron.worker.step_inputs import StepInputs, build_metadata, outputs_from_logits, prepare_inputs
+
+logger = get_logger(__name__)
+
+
+class OpenVinoModelRunner:
+    """Same surface as the torch `ModelRunner` (what `UniProcExecutor` calls)."""
+
+    def __init__(self, config: EngineConfig, options: OpenVinoOptions, model_path: str) -> None:
+        import openvino as ov
+
+        self.config = config
+        self.options = options
+        self.block_size = config.cache.block_size
+        description = describe_model(model_path, config.model.dtype)
+        self.hf_config = description.hf_config
+        self.dtype = description.dtype
+        self.model_max_len = description.max_model_len
+        self.vocab_size = self.hf_config.vocab_size
+        start = time.perf_counter()
+        self.converted: ConvertedModel = convert(description, options.cache_path("ir"))
+        self.num_layers = self.converted.num_layers
+        core = ov.Core()
+        core.set_property({"CACHE_DIR": str(options.cache_path("compiled"))})
+        self.compiled = core.compile_model(self.converted.model, options.device,
+                                           options.compile_properties(self.dtype))
+        self.request = self.compiled.create_infer_request()
+        self._cache_type, self._cache_dims = self._cache_layout()
+        self.sampler = Sampler(torch.device("cpu"), config.model.seed)
+        self.kv_caches: list[Any] = []
+        logger.info("OpenVINO model ready in %.1f s on %s: inference precision %s, KV cache %s %s",
+                    time.perf_counter() - start, options.device,
+                    self.compiled.get_property("INFERENCE_PRECISION_HINT"), self._cache_type,
+                    self._cache_dims)
+
+    def _cache_layout(self) -> tuple[Any, tuple[int, ...]]:
+        """Element type and per-block dims [kv_heads, rows, head_size] the device chose."""
+        port = self.compiled.input(key_cache_name(0))
+        shape = port.get_partial_shape()
+        dims = tuple(shape[i].get_length() for i in range(1, shape.rank.get_length()))
+        return port.get_element_type(), dims
+
+    # -- memory -------------------------------------------------------------------------
+
+    def weights_bytes(self) -> int:
+        return self.converted.weights_bytes()
+
+    def kv_block_bytes(self) -> int:
+        """Bytes one block takes across all layers (keys and values, quantisation scales included)."""
+        per_cache = int(np.prod(self._cache_dims)) * self._cache_type.size
+        value_dims = self._value_dims()
+        per_value = int(np.prod(value_dims)) * self._value_type().size
+        return (per_cache + per_value) * self.num_layers
+
+    def _value_type(self) -> Any:
+        return self.compiled.input(value_cache_name(0)).get_element_type()
+
+    def _value_dims(self) -> tuple[int, ...]:
+        shape = self.compiled.input(value_cache_name(0)).get_partial_shape()
+        return tuple(shape[i].get_length() for i in range(1, shape.rank.get_length()))
+
+    def _allocate(self, num_blocks: int) -> list[Any]:
+        import openvino as ov
+
+        caches = []
+        for layer in range(self.num_layers):
+            caches.append(ov.Tensor(self._cache_type, [num_blocks, *self._cache_dims]))
+            caches.append(ov.Tensor(self._value_type(), [num_blocks, *self._value_dims()]))
+        return caches
+
+    def _bind(self, caches: list[Any]) -> None:
+        for layer in range(self.num_layers):
+            self.request.set_tensor(key_cache_name(layer), caches[2 * layer])
+            self.request.set_tensor(value_cache_name(layer), caches[2 * layer + 1])
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self.kv_caches = self._allocate(num_blocks)
+        self._bind(self.kv_caches)
+
+    def profile_run(self, num_tokens: int) -> float:
+        """One dummy step over `num_tokens` tokens with a throw-away cache (a warm-up: the
+        KV budget on this platform is a fixed size, not derived from this run)."""
+        num_tokens = max(1, num_tokens)
+        lens = [min(self.model_max_len, num_tokens - s)
+                for s in range(0, num_tokens, self.model_max_len)]
+        blocks = [-(-n // self.block_size) for n in lens]
+        first = np.cumsum([0] + blocks[:-1])
+        block_ids = [list(range(b, b + n)) for b, n in zip(first, blocks)]
+        meta = build_metadata(block_ids, [0] * len(lens), lens, self.block_size,
+                              torch.device("cpu"))
+        self._bind(self._allocate(sum(blocks)))
+        start = time.perf_counter()
+        self._infer(torch.zeros(num_tokens, dtype=torch.long), meta.positions, meta, [num_tokens - 1])
+        seconds = time.perf_counter() - start
+        if self.kv_caches:
+            self._bind(self.kv_caches)
+        return seconds
+
+    # -- one step -----------------------------------------------------------------------
+
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        if sched.is_empty:
+            return ModelRunnerOutput()
+        inputs: StepInputs = prepare_inputs(sched, self.block_size, torch.device("cpu"))
+        rows = inputs.logits_rows()
+        if not rows:
+            return ModelRunnerOutput()
+        logits = self._infer(inputs.input_ids, inputs.positions, inputs.meta, rows)
+        return outputs_from_logits(inputs, logits, self.sampler)
+
+    def _infer(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any,
+               rows: list[int]) -> torch.Tensor:
+        """One inference; float32 logits [len(rows), vocab] (valid until the next call)."""
+        import openvino as ov
+
+        seq_lens = np.asarray(meta.seq_lens_cpu, dtype=np.int32)
+        query_start = np.asarray(meta.query_start_loc_cpu, dtype=np.int32)
+        blocks_per_seq = -(-seq_lens // self.block_size)
+        table = meta.block_tables.numpy()
+        block_indices = np.concatenate([table[i, :n] for i, n in enumerate(blocks_per_seq)])
+        begins = np.zeros(len(seq_lens) + 1, dtype=np.int32)
+        np.cumsum(blocks_per_seq, out=begins[1:])
+        arrays = {
+            "input_ids": input_ids.numpy(),
+            "positions": positions.numpy(),
+            "past_lens": seq_lens - np.diff(query_start),
+            "subsequence_begins": query_start,
+            "block_indices": block_indices.astype(np.int32),
+            "block_indices_begins": begins,
+            "max_context_len": np.array(meta.max_seq_len, dtype=np.int32),
+            "logits_indices": np.asarray(rows, dtype=np.int64),
+        }
+        for name, array in arrays.items():
+            # np.require keeps 0-d arrays 0-d (np.ascontiguousarray makes them 1-d).
+            array = np.require(array, requirements="C")
+            self.request.set_tensor(name, ov.Tensor(array, shared_memory=True))
+        self.request.infer()
+        return torch.from_numpy(self.request.get_output_tensor(0).data)
+
