@@ -146,11 +146,16 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 DTYPE_IDS = ["bf16", "f16", "f32"]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
 @pytest.mark.parametrize("heads", [(4, 4), (6, 2), (8, 2)], ids=["mha", "gqa3", "gqa4"])
 @pytest.mark.parametrize("block_size", [1, 4, 16, 32])
 def test_mixed_batch_matches_reference(block_size, heads, dtype):
     check(MIXED, block_size, *heads, 32, dtype, seed=block_size)
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=["mha", "gqa4"])
+def test_float16(heads):
+    check(MIXED, 8, *heads, 64, torch.float16, seed=11)
 
 
 @pytest.mark.parametrize("head_size", [16, 48, 64, 128])
@@ -252,3 +257,23 @@ def test_batch_invariance():
             max_seq_len=meta.seq_lens_cpu[i], block_size=16, query_start_loc_cpu=[0, b - a],
             seq_lens_cpu=[meta.seq_lens_cpu[i]])
         assert torch.equal(tri.attend(q[a:b], cache, alone), full[a:b])
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the GPU check runs its own end-to-end comparison")
+def test_tiny_model_generates_like_hf_through_the_kernels(tiny_llama, monkeypatch):
+    """A whole engine (prefix cache, chunked prefill of 8-token steps, mixed batches) on
+    the cpu platform with its attention swapped for the triton backend."""
+    from conftest import hf_greedy
+    from heron import LLM, SamplingParams
+    from heron.platforms.cpu.platform import CpuPlatform
+
+    monkeypatch.setattr(CpuPlatform, "attention_backend",
+                        lambda self, dtype, head_size: TritonAttention)
+    prompts = [[5, 9, 17, 33, 62], list(range(3, 30)), [7]]
+    llm = LLM(tiny_llama, device="cpu", dtype="float32", block_size=4, max_num_batched_tokens=16,
+              max_model_len=64)
+    assert llm.llm_engine.executor.runner.backend.name == "triton"
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for prompt, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(tiny_llama, prompt, 6)[0]

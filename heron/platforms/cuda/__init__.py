@@ -7,9 +7,17 @@ from heron.platforms.cuda.platform import CudaPlatform
 from heron.platforms.hookspecs import hookimpl
 
 if TYPE_CHECKING:
+    from heron.kernels.interface import AttentionBackend
     from heron.platforms.interface import Platform
 
 
 @hookimpl
 def register_platforms(register: Callable[["Platform"], None]) -> None:
     register(CudaPlatform())
+
+
+@hookimpl
+def register_attention_backends(register: Callable[[str, type["AttentionBackend"]], None]) -> None:
+    # Importing the backend imports no triton: that waits for its first forward pass.
+    from heron.kernels.triton_attention import TritonAttention
+    register(TritonAttention.name, TritonAttention)

@@ -2,20 +2,31 @@
 
 Detection probes the driver's device files first and reads the torch build from
 its installed metadata, so a machine without a GPU never imports torch for it.
-Attention runs on the reference backend (plain torch) until the Triton kernels
-land in their own issue; capabilities say no more than that path does.
+
+Attention runs on the Triton kernels (heron.kernels.triton_attention), one source
+for NVIDIA and AMD GPUs, in float16, bfloat16 and float32 (float32 dots in full
+precision, not TF32). Without triton installed it falls back to the reference
+backend (plain torch, slow) with a warning. KV blocks come from the executor's
+profile run: total memory x gpu_memory_utilization (default 0.9), less weights
+and the peak activations that torch.cuda.mem_get_info saw the dummy forward pass
+take. No CUDA graphs (nothing measured them yet), no tensor parallelism.
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import TYPE_CHECKING
 
+from heron.logger import get_logger
 from heron.platforms.interface import Capabilities, Detection, MemoryInfo, Platform
 from heron.platforms.probes import device_files, env_hides_devices, torch_build
 
 if TYPE_CHECKING:
     import torch
 
+    from heron.config import EngineConfig
     from heron.kernels.interface import AttentionBackend
+
+logger = get_logger(__name__)
 
 
 class CudaPlatform(Platform):
@@ -71,8 +82,30 @@ class CudaPlatform(Platform):
         return f" (CUDA {cuda})" if cuda else ""
 
     def attention_backend(self, dtype: "torch.dtype", head_size: int) -> type["AttentionBackend"]:
-        from heron.kernels.registry import AttentionBackendRegistry
-        return AttentionBackendRegistry.get("reference")
+        """The Triton kernels; the reference backend when triton is missing or the head
+        size is over what they take (256)."""
+        from heron.kernels.reference import ReferenceAttention
+        if importlib.util.find_spec("triton") is None:
+            logger.warning("triton is not installed: attention on %s runs the slow reference "
+                           "backend; pip install 'heron[cuda]' (or triton) for the kernels",
+                           self.name)
+            return ReferenceAttention
+        if head_size > 256:
+            logger.warning("head size %d is over the triton kernels' 256: attention on %s runs "
+                           "the slow reference backend", head_size, self.name)
+            return ReferenceAttention
+        from heron.kernels.triton_attention import TritonAttention
+        return TritonAttention
+
+    def validate(self, config: "EngineConfig") -> list[str]:
+        """The base checks, plus: bfloat16 needs a GPU that has it (NVIDIA sm_80 and later,
+        AMD CDNA2 and later); asked only when a GPU is present."""
+        reasons = super().validate(config)
+        if config.model.dtype == "bfloat16" and self.detect().available:
+            import torch
+            if not torch.cuda.is_bf16_supported():
+                reasons.append(f"this {self.vendor} GPU has no bfloat16; pass dtype='float16'")
+        return reasons
 
     def memory_info(self) -> MemoryInfo:
         """Device-wide free and total memory (cudaMemGetInfo). torch's caching allocator
