@@ -43,7 +43,11 @@ def jobs() -> dict[str, dict]:
     """Every kernel configuration to build, by test id."""
     import torch
 
-    from heron.kernels.triton_attention import DECODE_TILES, PREFILL_TILES, launch_constants
+    from heron.kernels.triton_attention import (
+        DECODE_TILES,
+        PREFILL_TILES,
+        launch_constants,
+    )
     torch_types = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     # (name, tiles, split, head size, group, dtypes): what a SmolLM2 (64, 3) or a
     # Llama-3 8B (128, 4) prefill or long decode launches, and a float32 model.

@@ -38,9 +38,9 @@ if DEVICE == "cpu":
                            "TRITON_INTERPRET=1 could be set; the interpreter needs it from the "
                            "first import: run tests/test_triton_kernels.py in its own process")
 
-from heron.kernels.interface import AttentionMetadata  # noqa: E402
-from heron.kernels.reference import ReferenceAttention, gather_context, write_kv  # noqa: E402
-from heron.kernels.triton_attention import TritonAttention  # noqa: E402
+from heron.kernels.interface import AttentionMetadata
+from heron.kernels.reference import ReferenceAttention, gather_context, write_kv
+from heron.kernels.triton_attention import TritonAttention
 
 # (context already cached, new tokens) per sequence: decodes, fresh prefills and
 # prefill chunks over a cached context, lengths that leave partial last blocks.
@@ -264,6 +264,7 @@ def test_tiny_model_generates_like_hf_through_the_kernels(tiny_llama, monkeypatc
     """A whole engine (prefix cache, chunked prefill of 8-token steps, mixed batches) on
     the cpu platform with its attention swapped for the triton backend."""
     from conftest import hf_greedy
+
     from heron import LLM, SamplingParams
     from heron.platforms.cpu.platform import CpuPlatform
 

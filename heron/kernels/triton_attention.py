@@ -51,14 +51,14 @@ def _pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernels():
     # The only import of triton on heron's path (and only once a forward pass runs).
     from heron.kernels.triton_kernels import attention, cache_write
     return attention, cache_write
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _multiprocessors(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

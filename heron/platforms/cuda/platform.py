@@ -81,7 +81,7 @@ class CudaPlatform(Platform):
         cuda = getattr(getattr(torch_module, "version", None), "cuda", None)
         return f" (CUDA {cuda})" if cuda else ""
 
-    def attention_backend(self, dtype: "torch.dtype", head_size: int) -> type["AttentionBackend"]:
+    def attention_backend(self, dtype: torch.dtype, head_size: int) -> type[AttentionBackend]:
         """The Triton kernels; the reference backend when triton is missing or the head
         size is over what they take (256)."""
         from heron.kernels.reference import ReferenceAttention
@@ -97,7 +97,7 @@ class CudaPlatform(Platform):
         from heron.kernels.triton_attention import TritonAttention
         return TritonAttention
 
-    def validate(self, config: "EngineConfig") -> list[str]:
+    def validate(self, config: EngineConfig) -> list[str]:
         """The base checks, plus: bfloat16 needs a GPU that has it (NVIDIA sm_80 and later,
         AMD CDNA2 and later); asked only when a GPU is present."""
         reasons = super().validate(config)
