@@ -131,10 +131,69 @@ def _convert_paged_attention(context: Any) -> list[Any]:
     ]
     assert len(args) == _NUM_PA_INPUTS
     node = ov_op._PagedAttentionExtension(args)
-    # The CPU device sizes the cache from these (it refuses the node without them).
-    # Strings, because only those survive the export and import of a compiled model.
+    _set_cache_sizes(node, num_kv_heads, head_size)
+    return [node.output(0)]
+
+
+def _set_cache_sizes(node: Any, num_kv_heads: int, head_size: int) -> None:
+    # The CPU device sizes the cache from these rt_info entries and refuses the node
+    # without them. They are not saved in an IR: `reload_paged_attention` sets them again.
     info = node.get_rt_info()
     for key, value in (("num_k_heads", num_kv_heads), ("k_head_size", head_size),
                        ("num_v_heads", num_kv_heads), ("v_head_size", head_size)):
         info[key] = str(value)
-    return [node.output(0)]
+
+
+def read_paged_model(core: Any, xml_path: str, num_kv_heads: int, head_size: int) -> Any:
+    """Read an IR saved with PagedAttention nodes, which `Core.read_model` cannot build by
+    itself (the operation is not in a public opset): each is read as a stand-in and then
+    swapped for the real operation on the same inputs."""
+    import openvino.op as ov_op
+
+    core.add_extension(_stand_in_class())
+    model = core.read_model(xml_path)
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "PagedAttentionExtension" or isinstance(
+                op, ov_op._PagedAttentionExtension):
+            continue
+        real = ov_op._PagedAttentionExtension(op.input_values())
+        _set_cache_sizes(real, num_kv_heads, head_size)
+        for i in range(op.get_output_size()):
+            op.output(i).replace(real.output(i))
+    model.validate_nodes_and_infer_types()
+    return model
+
+
+_STAND_IN: Any = None
+
+
+def _stand_in_class() -> Any:
+    """An `openvino.Op` named like the PagedAttention operation: only its shape is right."""
+    global _STAND_IN
+    if _STAND_IN is not None:
+        return _STAND_IN
+    import openvino as ov
+
+    class PagedAttentionExtension(ov.Op):   # the IR's type name
+        def __init__(self, inputs: Any = None) -> None:
+            super().__init__(self, inputs or [])
+            if inputs:
+                self.constructor_validate_and_infer_types()
+
+        def validate_and_infer_types(self) -> None:
+            if self.get_input_size() == 0:
+                return
+            dtype = self.get_input_element_type(0)
+            self.set_output_size(3)   # attention output, scores, diversity (unused)
+            self.set_output_type(0, dtype, self.get_input_partial_shape(0))
+            self.set_output_type(1, dtype, ov.PartialShape([-1]))
+            self.set_output_type(2, dtype, ov.PartialShape([-1]))
+
+        def clone_with_new_inputs(self, new_inputs: Any) -> Any:
+            return PagedAttentionExtension(new_inputs)
+
+        def visit_attributes(self, visitor: Any) -> bool:
+            return True
+
+    _STAND_IN = PagedAttentionExtension
+    return _STAND_IN

@@ -43,16 +43,16 @@ class OpenVinoModelRunner:
         self.model_max_len = description.max_model_len
         self.vocab_size = self.hf_config.vocab_size
         start = time.perf_counter()
-        self.converted: ConvertedModel = convert(description, options.cache_path("ir"))
-        self.num_layers = self.converted.num_layers
         core = ov.Core()
-        core.set_property({"CACHE_DIR": str(options.cache_path("compiled"))})
+        self.converted: ConvertedModel = convert(description, options.cache_path("ir"), core)
+        self.num_layers = self.converted.num_layers
         self.compiled = core.compile_model(self.converted.model, options.device,
                                            options.compile_properties(self.dtype))
         self.request = self.compiled.create_infer_request()
         self._cache_type, self._cache_dims = self._cache_layout()
         self.sampler = Sampler(torch.device("cpu"), config.model.seed)
         self.kv_caches: list[Any] = []
+        self._step_arrays: dict[str, np.ndarray] = {}
         logger.info("OpenVINO model ready in %.1f s on %s: inference precision %s, KV cache %s %s",
                     time.perf_counter() - start, options.device,
                     self.compiled.get_property("INFERENCE_PRECISION_HINT"), self._cache_type,
@@ -113,12 +113,14 @@ class OpenVinoModelRunner:
         block_ids = [list(range(b, b + n)) for b, n in zip(first, blocks)]
         meta = build_metadata(block_ids, [0] * len(lens), lens, self.block_size,
                               torch.device("cpu"))
-        self._bind(self._allocate(sum(blocks)))
+        scratch = self._allocate(sum(blocks))
+        self._bind(scratch)
         start = time.perf_counter()
         self._infer(torch.zeros(num_tokens, dtype=torch.long), meta.positions, meta, [num_tokens - 1])
         seconds = time.perf_counter() - start
         if self.kv_caches:
             self._bind(self.kv_caches)
+        del scratch
         return seconds
 
     # -- one step -----------------------------------------------------------------------
@@ -155,9 +157,10 @@ class OpenVinoModelRunner:
             "max_context_len": np.array(meta.max_seq_len, dtype=np.int32),
             "logits_indices": np.asarray(rows, dtype=np.int64),
         }
-        for name, array in arrays.items():
-            # np.require keeps 0-d arrays 0-d (np.ascontiguousarray makes them 1-d).
-            array = np.require(array, requirements="C")
+        # The request reads these arrays' memory in place: keep them alive until the next
+        # step. np.require keeps 0-d arrays 0-d (np.ascontiguousarray makes them 1-d).
+        self._step_arrays = {name: np.require(a, requirements="C") for name, a in arrays.items()}
+        for name, array in self._step_arrays.items():
             self.request.set_tensor(name, ov.Tensor(array, shared_memory=True))
         self.request.infer()
         return torch.from_numpy(self.request.get_output_tensor(0).data)
