@@ -48,8 +48,12 @@ SMOL_PROMPTS = [
 
 
 @pytest.mark.slow
-def test_smollm2_matches_hf(smollm2_path):
-    llm = LLM(smollm2_path, dtype="float32", max_model_len=512)
+@pytest.mark.parametrize("device", ["cpu", "openvino"])
+def test_smollm2_matches_hf(smollm2_path, device, monkeypatch):
+    if device == "openvino":
+        pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    monkeypatch.delenv("HERON_DEVICE", raising=False)
+    llm = LLM(smollm2_path, device=device, dtype="float32", max_model_len=512)
     tokenizer = llm.get_tokenizer()
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, logprobs=0)
     outputs = llm.generate(SMOL_PROMPTS, params, use_tqdm=False)

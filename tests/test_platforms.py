@@ -359,7 +359,7 @@ def test_neuron_placeholder_package_is_not_a_neuron_sdk(fake_site, monkeypatch):
                                 "use the AWS index")
 
 
-@pytest.mark.parametrize("name", ["openvino", "xla", "neuron"])
+@pytest.mark.parametrize("name", ["xla", "neuron"])
 def test_platforms_without_execution_refuse_clearly(name, tiny_llama, monkeypatch):
     from heron import LLM
 

@@ -7,11 +7,10 @@ what to compute, has the executor compute it, and turns sampled tokens into text
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 from heron.config import EngineConfig
 from heron.core.detokenizer import IncrementalDetokenizer
@@ -21,9 +20,6 @@ from heron.core.sampling_params import SamplingParams
 from heron.core.scheduler import Scheduler
 from heron.core.tokenizer import load_tokenizer, resolve_eos_token_ids
 from heron.logger import get_logger
-
-if TYPE_CHECKING:
-    from heron.platforms.interface import Platform
 
 logger = get_logger(__name__)
 
@@ -55,15 +51,6 @@ class _Parent:
         return all(s.request.is_finished for s in self.sequences)
 
 
-def _with_platform_defaults(config: EngineConfig, platform: "Platform") -> EngineConfig:
-    """A copy of `config` with what the user left unset filled in from the platform."""
-    if config.cache.block_size is not None:
-        return config
-    block_size = platform.capabilities.default_block_size
-    return dataclasses.replace(config, cache=dataclasses.replace(config.cache,
-                                                                   block_size=block_size))
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         from heron.platforms.registry import resolve_platform
@@ -73,7 +60,7 @@ class LLMEngine:
         if reasons:
             raise ValueError(f"platform {self.platform.name!r} cannot run this configuration: "
                              + "; ".join(reasons))
-        self.config = config = _with_platform_defaults(config, self.platform)
+        self.config = config = self.platform.complete_config(config)
         model_path = config.model.model or _default_model_path()
         self.model_path = model_path
         self.tokenizer = load_tokenizer(config.model.tokenizer or model_path)

@@ -121,6 +121,17 @@ class Platform(ABC):
             reasons.append(f"{self.name} has no chunked prefill; pass enable_chunked_prefill=False")
         return reasons
 
+    def complete_config(self, config: "EngineConfig") -> "EngineConfig":
+        """A copy of `config` with what the user left unset (`block_size=None`) filled in for
+        this platform: the one place a platform shapes the configuration. The engine and
+        the executors call it; calling it again changes nothing."""
+        import dataclasses
+
+        if config.cache.block_size is not None:
+            return config
+        cache = dataclasses.replace(config.cache, block_size=self.capabilities.default_block_size)
+        return dataclasses.replace(config, cache=cache)
+
     def torch_device(self) -> "torch.device":
         """The torch device that weights, activations and the KV cache live on."""
         import torch

@@ -21,7 +21,7 @@ logger = get_logger(__name__)
 
 class Executor(ABC):
     def __init__(self, config: EngineConfig, platform: Platform, model_path: str) -> None:
-        self.config = config
+        self.config = platform.complete_config(config)
         self.platform = platform
         self.model_path = model_path
 

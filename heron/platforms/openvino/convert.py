@@ -55,6 +55,7 @@ class ConvertedModel:
     num_layers: int
     num_kv_heads: int
     head_size: int
+    from_cache: bool = False
 
     def weights_bytes(self) -> int:
         return sum(int(op.get_byte_size()) for op in self.model.get_ordered_ops()
@@ -114,7 +115,7 @@ def convert(description: ModelDescription, cache_dir: Path, core: Any) -> Conver
     if xml.is_file() and xml.with_suffix(".bin").is_file():
         logger.info("OpenVINO IR from the cache: %s", xml)
         model = read_paged_model(core, str(xml), num_kv_heads, head_size)
-        return ConvertedModel(model, num_layers, num_kv_heads, head_size)
+        return ConvertedModel(model, num_layers, num_kv_heads, head_size, from_cache=True)
     loaded = load_model(str(description.folder), _dtype_name(description.dtype), "cpu")
     wrapper = _PagedModel(loaded.model, num_heads, num_kv_heads, head_size, num_layers).eval()
     example = _example_inputs(num_layers, num_kv_heads, head_size, description.dtype)

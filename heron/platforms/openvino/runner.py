@@ -46,8 +46,8 @@ class OpenVinoModelRunner:
         core = ov.Core()
         self.converted: ConvertedModel = convert(description, options.cache_path("ir"), core)
         self.num_layers = self.converted.num_layers
-        self.compiled = core.compile_model(self.converted.model, options.device,
-                                           options.compile_properties(self.dtype))
+        self.compiled = _compile(core, self.converted.model, options.device,
+                                 options.compile_properties(self.dtype))
         self.request = self.compiled.create_infer_request()
         self._cache_type, self._cache_dims = self._cache_layout()
         self.sampler = Sampler(torch.device("cpu"), config.model.seed)
@@ -165,3 +165,16 @@ class OpenVinoModelRunner:
         self.request.infer()
         return torch.from_numpy(self.request.get_output_tensor(0).data)
 
+
+
+def _compile(core: Any, model: Any, device: str, properties: dict[str, Any]) -> Any:
+    """`core.compile_model`, with a refusal of the device turned into a ValueError that names
+    the settings to change (e.g. a bf16 KV cache with f32 inference on the CPU)."""
+    try:
+        return core.compile_model(model, device, properties)
+    except RuntimeError as e:
+        reason = next((line for line in reversed(str(e).splitlines()) if line.strip()), str(e))
+        settings = ", ".join(f"{k}={v}" for k, v in properties.items())
+        raise ValueError(f"OpenVINO cannot compile the model for {device} with {settings}: "
+                         f"{reason.strip()}. Change HERON_OPENVINO_INFERENCE_PRECISION or "
+                         "HERON_OPENVINO_KV_CACHE_PRECISION (or the model dtype)") from e

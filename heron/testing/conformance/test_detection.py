@@ -69,6 +69,8 @@ def test_declarations_are_typed(platform: Platform) -> None:
         caps.prefix_caching = not caps.prefix_caching  # type: ignore[misc]
     assert caps.dtypes, f"{platform.name} declares no dtype: it cannot run any model"
     assert set(caps.dtypes) <= MODEL_DTYPES, f"unknown dtypes {set(caps.dtypes) - MODEL_DTYPES}"
+    assert all(isinstance(b, int) and b > 0 and not b & (b - 1) for b in caps.block_sizes), \
+        f"block sizes must be powers of two: {sorted(caps.block_sizes)}"
 
 
 def test_validate_returns_reasons_and_never_mutates(platform: Platform, tiny_models: Any) -> None:
@@ -83,6 +85,7 @@ def test_validate_returns_reasons_and_never_mutates(platform: Platform, tiny_mod
         assert isinstance(reasons, list) and all(isinstance(r, str) for r in reasons)
         if dtype in platform.capabilities.dtypes:
             assert reasons == [], f"declared dtype {dtype} refused: {reasons}"
+            _check_block_sizes(platform, config)
         else:
             assert any(dtype in r for r in reasons), f"undeclared dtype {dtype} accepted"
 
@@ -95,3 +98,18 @@ def test_attention_backend_for_every_declared_dtype(platform: Platform) -> None:
             backend = platform.attention_backend(getattr(torch, dtype), head_size)
             assert isinstance(backend, type) and issubclass(backend, AttentionBackend)
             assert isinstance(backend.name, str) and backend.name
+
+
+def _check_block_sizes(platform: Platform, config: EngineConfig) -> None:
+    """An undeclared block size is refused with a reason naming it; a declared one is not."""
+    sizes = platform.capabilities.block_sizes
+    if not sizes:
+        return
+    for size in (min(sizes), max(sizes) * 2):
+        reasons = platform.validate(dataclasses.replace(
+            config, cache=dataclasses.replace(config.cache, block_size=size)))
+        if size in sizes:
+            assert reasons == [], f"declared block size {size} refused: {reasons}"
+        else:
+            assert any(f"block_size {size}" in r for r in reasons), \
+                f"undeclared block size {size} accepted"
