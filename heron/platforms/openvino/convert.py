@@ -92,7 +92,8 @@ def ir_cache_key(description: ModelDescription) -> str:
     import openvino
 
     h = hashlib.sha256()
-    parts = {"converter": CONVERTER_VERSION, "openvino": openvino.__version__,
+    parts = {"converter": CONVERTER_VERSION, "sources": _model_sources_digest(),
+             "openvino": openvino.__version__,
              "torch": torch.__version__, "dtype": str(description.dtype),
              "config": (description.folder / "config.json").read_text()}
     for f in description.weight_files:
@@ -100,6 +101,16 @@ def ir_cache_key(description: ModelDescription) -> str:
         parts[f"weights:{f.name}"] = f"{stat.st_size}:{stat.st_mtime_ns}"
     h.update(json.dumps(parts, sort_keys=True).encode())
     return h.hexdigest()[:20]
+
+
+def _model_sources_digest() -> str:
+    """Digest of the heron sources a traced graph depends on (models, attention, this file)."""
+    import heron.kernels.openvino_attention as attention
+    import heron.models as models
+
+    files = sorted(Path(models.__file__).parent.glob("*.py")) + [Path(attention.__file__),
+                                                                 Path(__file__)]
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
 
 
 def convert(description: ModelDescription, cache_dir: Path, core: Any) -> ConvertedModel:
