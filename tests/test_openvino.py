@@ -39,6 +39,8 @@ def test_openvino_is_available_here():
     detection = OpenVinoPlatform().detect()
     assert detection.available, detection.reason
     assert "OpenVINO" in detection.reason and "CPU" in detection.reason
+    from heron.platforms.registry import resolve_platform
+    assert resolve_platform("auto").name == "openvino", "installed openvino outranks cpu"
 
 
 def test_conformance_suite_passes_for_openvino(tmp_path):
