@@ -131,3 +131,25 @@ def test_detection_without_openvino_says_how_to_install(monkeypatch):
     detection = OpenVinoPlatform().detect()
     assert not detection.available
     assert detection.reason == "openvino is not installed (pip install 'heron[openvino]')"
+
+
+def test_prompt_and_sample_logprobs_match_the_cpu_platform(tiny_llama):
+    """Logits at many rows of one step (prompt logprobs) and at the sampled rows, in f32."""
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=3,
+                            prompt_logprobs=2)
+    prompts = ["w1 w2 w3 w4 w5 w6", "w7 w8"]
+    ov_out = LLM(tiny_llama, device="openvino", dtype="float32").generate(prompts, params,
+                                                                         use_tqdm=False)
+    cpu_out = LLM(tiny_llama, device="cpu", dtype="float32").generate(prompts, params,
+                                                                     use_tqdm=False)
+    for ov_req, cpu_req in zip(ov_out, cpu_out):
+        assert ov_req.outputs[0].token_ids == cpu_req.outputs[0].token_ids
+        assert len(ov_req.prompt_logprobs) == len(ov_req.prompt_token_ids) > 1
+        assert len(ov_req.outputs[0].logprobs) == 4
+        for ov_pos, cpu_pos in zip(ov_req.prompt_logprobs[1:], cpu_req.prompt_logprobs[1:]):
+            assert set(ov_pos) == set(cpu_pos)
+            for token, lp in cpu_pos.items():
+                assert ov_pos[token].logprob == pytest.approx(lp.logprob, abs=1e-4)
+        for ov_pos, cpu_pos in zip(ov_req.outputs[0].logprobs, cpu_req.outputs[0].logprobs):
+            for token, lp in cpu_pos.items():
+                assert ov_pos[token].logprob == pytest.approx(lp.logprob, abs=1e-4)
