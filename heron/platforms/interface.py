@@ -4,7 +4,7 @@ A plugin subclasses `Platform` once and registers an instance through the
 `register_platforms` hook. The core never asks a platform "do you support X?"
 through ad-hoc methods: it reads the frozen `Capabilities`, asks `validate()`
 for reasons to refuse a configuration, and otherwise calls the members below
-(fourteen in all). Nothing here imports torch at module level: `detect()` and
+(seventeen in all). Nothing here imports torch at module level: `detect()` and
 `heron platforms` must stay cheap.
 
 Priorities used by the built-ins, so third parties can place themselves:
