@@ -100,6 +100,12 @@ def test_a_combination_the_device_refuses_is_a_clear_error(tiny_llama, monkeypat
         LLM(tiny_llama, device="openvino", dtype="float32")
 
 
+def test_only_the_cpu_device_is_accepted(tiny_llama, monkeypatch):
+    monkeypatch.setenv("HERON_OPENVINO_DEVICE", "GPU")
+    with pytest.raises(ValueError, match="OpenVINO device 'GPU' is not supported.*only CPU"):
+        LLM(tiny_llama, device="openvino", dtype="float32")
+
+
 def test_bad_options_say_which_variable(monkeypatch):
     monkeypatch.setenv("HERON_OPENVINO_INFERENCE_PRECISION", "fp8")
     with pytest.raises(ValueError, match="HERON_OPENVINO_INFERENCE_PRECISION"):

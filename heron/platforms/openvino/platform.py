@@ -69,6 +69,15 @@ class OpenVinoPlatform(Platform):
                                     "(heron needs openvino>=2026.4)")
         return Detection(True, f"OpenVINO {version}, devices {', '.join(devices)}")
 
+    def validate(self, config: "EngineConfig") -> list[str]:
+        """The base checks, plus the OpenVINO device: heron's cache layout (blocks of 32) is
+        the CPU device's, the only one it has been run on."""
+        reasons = super().validate(config)
+        if self.options.device.split(".")[0] != "CPU":
+            reasons.append(f"OpenVINO device {self.options.device!r} is not supported by heron's "
+                           "openvino platform yet (only CPU); unset HERON_OPENVINO_DEVICE")
+        return reasons
+
     def attention_backend(self, dtype: "torch.dtype", head_size: int) -> type["AttentionBackend"]:
         """The backend models are traced with; OpenVINO's PagedAttention computes it."""
         from heron.kernels.openvino_attention import OpenVinoTracingAttention
