@@ -4,6 +4,7 @@ import pytest
 from heron import LLM, SamplingParams
 from heron.core.engine import LLMEngine
 from heron.config import EngineConfig
+from heron.testing.conformance.helpers import run_to_end
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
@@ -11,15 +12,6 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 @pytest.fixture(scope="module")
 def engine(tiny_llama):
     return LLMEngine(EngineConfig.create(model=tiny_llama, dtype="float32", max_model_len=64))
-
-
-def run_to_end(engine):
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return done
 
 
 @pytest.mark.parametrize("prompt,message", [

@@ -21,3 +21,13 @@ def greedy(llm: Any, prompts: Sequence[list[int]],
     """Generated token ids per prompt, in prompt order."""
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def run_to_end(engine: Any) -> dict[str, Any]:
+    """Step `engine` until it has no unfinished request; the finished outputs by request id."""
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done

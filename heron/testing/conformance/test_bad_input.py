@@ -7,18 +7,10 @@ from typing import Any, Callable
 import pytest
 
 from heron import SamplingParams
+from heron.testing.conformance.helpers import run_to_end
 from heron.testing.conformance.models import VOCAB_SIZE
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-
-
-def run_to_end(engine: Any) -> dict[str, Any]:
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return done
 
 
 @pytest.fixture(scope="module")
