@@ -18,7 +18,7 @@ from heron.logger import get_logger
 from heron.models.loader import load_model
 from heron.platforms.interface import Platform
 from heron.worker.sampler import Sampler
-from heron.worker.step_inputs import build_metadata, outputs_from_logits, prepare_inputs
+from heron.worker.step_inputs import outputs_from_logits, prepare_inputs, profile_metadata
 
 logger = get_logger(__name__)
 
@@ -78,16 +78,11 @@ class ModelRunner:
 
         Warms up kernels and lets the platform read peak memory; returns seconds. The
         tokens are split into sequences no longer than the model's context."""
-        num_tokens = max(1, num_tokens)
-        lens = [min(self.model_max_len, num_tokens - s)
-                for s in range(0, num_tokens, self.model_max_len)]
-        blocks_per_seq = [-(-n // self.block_size) for n in lens]
-        caches = [torch.zeros(self.kv_cache_shape(sum(blocks_per_seq)), dtype=self.dtype,
+        meta, num_blocks = profile_metadata(num_tokens, self.model_max_len, self.block_size,
+                                            self.device)
+        caches = [torch.zeros(self.kv_cache_shape(num_blocks), dtype=self.dtype,
                               device=self.device) for _ in range(self.num_layers)]
-        first_block = np.cumsum([0] + blocks_per_seq[:-1])
-        block_ids = [list(range(b, b + n)) for b, n in zip(first_block, blocks_per_seq)]
-        meta = build_metadata(block_ids, [0] * len(lens), lens, self.block_size, self.device)
-        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        ids = torch.zeros(meta.num_tokens, dtype=torch.long, device=self.device)
         start = time.perf_counter()
         with set_forward_context(ForwardContext(meta, caches, self.backend, self.layer_ops)):
             hidden = self.model(ids, meta.positions)

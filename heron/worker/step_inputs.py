@@ -104,6 +104,19 @@ def build_metadata(block_ids: list[list[int]], starts: list[int], query_lens: li
         positions=torch.from_numpy(positions).to(device))
 
 
+def profile_metadata(num_tokens: int, max_len: int, block_size: int,
+                     device: torch.device) -> tuple[AttentionMetadata, int]:
+    """Metadata of a dummy prefill of `num_tokens` tokens, in sequences of at most `max_len`,
+    over blocks 0..n-1 of a throw-away cache; and n, the blocks it needs."""
+    num_tokens = max(1, num_tokens)
+    lens = [min(max_len, num_tokens - s) for s in range(0, num_tokens, max_len)]
+    blocks_per_seq = [-(-n // block_size) for n in lens]
+    first_block = np.cumsum([0] + blocks_per_seq[:-1])
+    block_ids = [list(range(b, b + n)) for b, n in zip(first_block, blocks_per_seq)]
+    meta = build_metadata(block_ids, [0] * len(lens), lens, block_size, device)
+    return meta, sum(blocks_per_seq)
+
+
 def outputs_from_logits(inputs: StepInputs, logits: torch.Tensor,
                         sampler: Sampler) -> ModelRunnerOutput:
     """Prompt logprobs and sampled tokens from float32 logits at `inputs.logits_rows()`."""

@@ -23,7 +23,8 @@ from heron.models.loader import describe_model
 from heron.platforms.openvino.convert import ConvertedModel, convert, key_cache_name, value_cache_name
 from heron.platforms.openvino.options import OpenVinoOptions
 from heron.worker.sampler import Sampler
-from heron.worker.step_inputs import StepInputs, build_metadata, outputs_from_logits, prepare_inputs
+from heron.worker.step_inputs import (StepInputs, outputs_from_logits, prepare_inputs,
+                                     profile_metadata)
 
 logger = get_logger(__name__)
 
@@ -49,18 +50,19 @@ class OpenVinoModelRunner:
         self.compiled = _compile(core, self.converted.model, options.device,
                                  options.compile_properties(self.dtype))
         self.request = self.compiled.create_infer_request()
-        self._cache_type, self._cache_dims = self._cache_layout()
+        # Element type and per-block dims [kv_heads, rows, head_size] the device chose; u8
+        # keys carry their quantisation scales in extra rows.
+        self._key_layout = self._cache_layout(key_cache_name(0))
+        self._value_layout = self._cache_layout(value_cache_name(0))
         self.sampler = Sampler(torch.device("cpu"), config.model.seed)
         self.kv_caches: list[Any] = []
         self._step_arrays: dict[str, np.ndarray] = {}
         logger.info("OpenVINO model ready in %.1f s on %s: inference precision %s, KV cache %s %s",
                     time.perf_counter() - start, options.device,
-                    self.compiled.get_property("INFERENCE_PRECISION_HINT"), self._cache_type,
-                    self._cache_dims)
+                    self.compiled.get_property("INFERENCE_PRECISION_HINT"), *self._key_layout)
 
-    def _cache_layout(self) -> tuple[Any, tuple[int, ...]]:
-        """Element type and per-block dims [kv_heads, rows, head_size] the device chose."""
-        port = self.compiled.input(key_cache_name(0))
+    def _cache_layout(self, name: str) -> tuple[Any, tuple[int, ...]]:
+        port = self.compiled.input(name)
         shape = port.get_partial_shape()
         dims = tuple(shape[i].get_length() for i in range(1, shape.rank.get_length()))
         return port.get_element_type(), dims
@@ -72,25 +74,17 @@ class OpenVinoModelRunner:
 
     def kv_block_bytes(self) -> int:
         """Bytes one block takes across all layers (keys and values, quantisation scales included)."""
-        per_cache = int(np.prod(self._cache_dims)) * self._cache_type.size
-        value_dims = self._value_dims()
-        per_value = int(np.prod(value_dims)) * self._value_type().size
-        return (per_cache + per_value) * self.num_layers
-
-    def _value_type(self) -> Any:
-        return self.compiled.input(value_cache_name(0)).get_element_type()
-
-    def _value_dims(self) -> tuple[int, ...]:
-        shape = self.compiled.input(value_cache_name(0)).get_partial_shape()
-        return tuple(shape[i].get_length() for i in range(1, shape.rank.get_length()))
+        per_layer = sum(int(np.prod(dims)) * dtype.size
+                        for dtype, dims in (self._key_layout, self._value_layout))
+        return per_layer * self.num_layers
 
     def _allocate(self, num_blocks: int) -> list[Any]:
         import openvino as ov
 
         caches = []
-        for layer in range(self.num_layers):
-            caches.append(ov.Tensor(self._cache_type, [num_blocks, *self._cache_dims]))
-            caches.append(ov.Tensor(self._value_type(), [num_blocks, *self._value_dims()]))
+        for _ in range(self.num_layers):
+            for dtype, dims in (self._key_layout, self._value_layout):
+                caches.append(ov.Tensor(dtype, [num_blocks, *dims]))
         return caches
 
     def _bind(self, caches: list[Any]) -> None:
@@ -105,18 +99,13 @@ class OpenVinoModelRunner:
     def profile_run(self, num_tokens: int) -> float:
         """One dummy step over `num_tokens` tokens with a throw-away cache (a warm-up: the
         KV budget on this platform is a fixed size, not derived from this run)."""
-        num_tokens = max(1, num_tokens)
-        lens = [min(self.model_max_len, num_tokens - s)
-                for s in range(0, num_tokens, self.model_max_len)]
-        blocks = [-(-n // self.block_size) for n in lens]
-        first = np.cumsum([0] + blocks[:-1])
-        block_ids = [list(range(b, b + n)) for b, n in zip(first, blocks)]
-        meta = build_metadata(block_ids, [0] * len(lens), lens, self.block_size,
-                              torch.device("cpu"))
-        scratch = self._allocate(sum(blocks))
+        meta, num_blocks = profile_metadata(num_tokens, self.model_max_len, self.block_size,
+                                            torch.device("cpu"))
+        scratch = self._allocate(num_blocks)
         self._bind(scratch)
         start = time.perf_counter()
-        self._infer(torch.zeros(num_tokens, dtype=torch.long), meta.positions, meta, [num_tokens - 1])
+        self._infer(torch.zeros(meta.num_tokens, dtype=torch.long), meta.positions, meta,
+                    [meta.num_tokens - 1])
         seconds = time.perf_counter() - start
         if self.kv_caches:
             self._bind(self.kv_caches)
