@@ -62,6 +62,25 @@ def test_second_engine_reads_the_converted_model_from_the_cache(tiny_llama, ov_c
     assert second.generate("w1 w2 w3", GREEDY, use_tqdm=False)[0].outputs[0].token_ids == expected
 
 
+def test_an_unreadable_cached_model_is_converted_again(tiny_llama, ov_cache):
+    LLM(tiny_llama, device="openvino", dtype="float32")
+    (xml,) = ov_cache.rglob("model.xml")
+    xml.write_text("<net>truncated")
+    llm = LLM(tiny_llama, device="openvino", dtype="float32")
+    assert not llm.llm_engine.executor.runner.converted.from_cache
+    assert len(llm.generate("w1 w2", GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 8
+    assert LLM(tiny_llama, device="openvino", dtype="float32").llm_engine.executor.runner \
+        .converted.from_cache, "the IR was not saved again"
+
+
+def test_an_unwritable_cache_still_runs(tiny_llama, tmp_path, monkeypatch):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("HERON_OPENVINO_CACHE_DIR", str(blocked))
+    llm = LLM(tiny_llama, device="openvino", dtype="float32")
+    assert len(llm.generate("w1 w2", GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 8
+
+
 def test_a_different_dtype_gets_its_own_converted_model(tiny_llama, ov_cache):
     LLM(tiny_llama, device="openvino", dtype="float32")
     LLM(tiny_llama, device="openvino", dtype="bfloat16")

@@ -115,8 +115,8 @@ def _model_sources_digest() -> str:
 
 def convert(description: ModelDescription, cache_dir: Path, core: Any) -> ConvertedModel:
     """`description`'s model as an OpenVINO model with paged attention: read from the IR
-    cache, or traced and converted now and saved there."""
-
+    cache, or traced and converted now and saved there. A cached IR that cannot be read is
+    converted again; a cache that cannot be written only costs the next start its speed."""
     cfg = description.hf_config
     num_heads = cfg.num_attention_heads
     num_kv_heads = getattr(cfg, "num_key_value_heads", None) or num_heads
@@ -124,9 +124,26 @@ def convert(description: ModelDescription, cache_dir: Path, core: Any) -> Conver
     num_layers = cfg.num_hidden_layers
     xml = cache_dir / ir_cache_key(description) / "model.xml"
     if xml.is_file() and xml.with_suffix(".bin").is_file():
-        logger.info("OpenVINO IR from the cache: %s", xml)
-        model = read_paged_model(core, str(xml), num_kv_heads, head_size)
-        return ConvertedModel(model, num_layers, num_kv_heads, head_size, from_cache=True)
+        try:
+            model = read_paged_model(core, str(xml), num_kv_heads, head_size)
+        except RuntimeError as e:
+            logger.warning("cached OpenVINO IR %s is unreadable (%s); converting again",
+                           xml, str(e).strip().splitlines()[-1] if str(e).strip() else e)
+        else:
+            logger.info("OpenVINO IR from the cache: %s", xml)
+            return ConvertedModel(model, num_layers, num_kv_heads, head_size, from_cache=True)
+    model = _trace_and_convert(description, num_heads, num_kv_heads, head_size, num_layers)
+    try:
+        _save(model, xml)
+        logger.info("converted %s to OpenVINO IR %s", description.folder, xml)
+    except (OSError, RuntimeError) as e:
+        logger.warning("cannot save the OpenVINO IR under %s (%s): every start will convert "
+                       "again; set HERON_OPENVINO_CACHE_DIR to a writable folder", xml.parent, e)
+    return ConvertedModel(model, num_layers, num_kv_heads, head_size)
+
+
+def _trace_and_convert(description: ModelDescription, num_heads: int, num_kv_heads: int,
+                       head_size: int, num_layers: int) -> Any:
     loaded = load_model(str(description.folder), _dtype_name(description.dtype), "cpu")
     wrapper = _PagedModel(loaded.model, num_heads, num_kv_heads, head_size, num_layers).eval()
     example = _example_inputs(num_layers, num_kv_heads, head_size, description.dtype)
@@ -136,9 +153,7 @@ def convert(description: ModelDescription, cache_dir: Path, core: Any) -> Conver
         traced = torch.jit.trace(wrapper, example, check_trace=False)
         model = _convert_traced(traced)
     _name_inputs(model, num_layers)
-    _save(model, xml)
-    logger.info("converted %s to OpenVINO IR %s", description.folder, xml)
-    return ConvertedModel(model, num_layers, num_kv_heads, head_size)
+    return model
 
 
 def _save(model: Any, xml: Path) -> None:
