@@ -10,9 +10,6 @@ import pytest
 # Small KV caches keep the suite light; tests that need a size pass it explicitly.
 os.environ.setdefault("HERON_CPU_KVCACHE_SPACE", "0.25")
 os.environ.setdefault("HERON_OPENVINO_KVCACHE_SPACE", "0.25")
-# The core's tests run on the cpu platform even where openvino (which outranks cpu for
-# device="auto") is installed; tests/test_openvino*.py and the conformance runs cover it.
-os.environ.setdefault("HERON_DEVICE", "cpu")
 
 TINY_VOCAB = 256
 WORDS = [f"w{i}" for i in range(TINY_VOCAB - 3)]

@@ -359,17 +359,8 @@ def test_neuron_placeholder_package_is_not_a_neuron_sdk(fake_site, monkeypatch):
                                 "use the AWS index")
 
 
-@pytest.fixture()
-def without_openvino(monkeypatch):
-    """openvino unavailable, as on a machine without the extra: auto then resolves to cpu."""
-    from heron.platforms.openvino.platform import OpenVinoPlatform
-    monkeypatch.setattr(OpenVinoPlatform, "detect",
-                        lambda self: Detection(False, "openvino is not installed"))
-
-
 @pytest.mark.parametrize("name", ["xla", "neuron"])
-def test_platforms_without_execution_refuse_clearly(name, tiny_llama, monkeypatch,
-                                                    without_openvino):
+def test_platforms_without_execution_refuse_clearly(name, tiny_llama, monkeypatch):
     from heron import LLM
 
     platform = next(e.platform for e in make_plugin_manager().platforms() if e.platform.name == name)
@@ -399,7 +390,7 @@ def test_kv_cache_bytes_default_formula():
     assert platform.kv_cache_bytes(explicit, profile) == 12345
 
 
-def test_heron_platforms_command(capsys, without_openvino):
+def test_heron_platforms_command(capsys):
     assert cli_main(["platforms"]) == 0
     out = capsys.readouterr().out
     header, *rows = out.strip().splitlines()

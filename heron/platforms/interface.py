@@ -8,7 +8,8 @@ for reasons to refuse a configuration, and otherwise calls the members below
 `heron platforms` must stay cheap.
 
 Priorities used by the built-ins, so third parties can place themselves:
-cuda and rocm 40, xla and neuron 30, openvino 10, cpu 0. An example or
+cuda and rocm 40, xla and neuron 30, cpu 0, openvino -1 (chosen by name only: on
+the CPUs measured, the cpu platform is as fast). An example or
 debugging platform that must never win `device="auto"` uses a negative priority.
 """
 from __future__ import annotations

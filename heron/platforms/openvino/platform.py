@@ -29,7 +29,10 @@ class OpenVinoPlatform(Platform):
 
     name = "openvino"
     device_type = "cpu"   # OpenVINO takes host tensors; it places work on its own devices
-    priority = 10         # above cpu: installing openvino asks for it on the same host
+    # Below cpu, so device="auto" keeps the cpu platform: on the CPUs measured (README,
+    # docs/openvino.md) heron's torch path is as fast or faster and starts sooner.
+    # device="openvino" (or HERON_DEVICE=openvino) chooses it.
+    priority = -1
     # OpenVINO's CPU PagedAttention stores 32 tokens per block, whatever the cache precision.
     capabilities = Capabilities(dtypes=frozenset({"float32", "bfloat16", "float16"}),
                                 kv_cache_dtypes=frozenset({"auto", "u8", "f16", "bf16", "f32"}),
