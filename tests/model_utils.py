@@ -1,6 +1,7 @@
 """Helpers to run a heron model by hand: paged metadata, KV caches, one forward step."""
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,39 @@ class PagedSeq:
     blocks: list[int]
     num_cached: int = 0
     logits: list[torch.Tensor] = field(default_factory=list)
+
+
+def shuffled_block_metadata(specs: list[tuple[int, int]], block_size: int, seed: int,
+                            device: torch.device | str = "cpu", spare_blocks: int = 3,
+                            table_padding: int = 1) -> tuple[AttentionMetadata, int]:
+    """Metadata for sequences (context, new tokens) on shuffled blocks (block 0 unused,
+    `spare_blocks` left over, table rows padded with `table_padding` zeros beyond the
+    longest); returns it and the block count a cache needs."""
+    rng = random.Random(seed)
+    seq_lens = [c + q for c, q in specs]
+    per_seq = [-(-s // block_size) for s in seq_lens]
+    num_blocks = 1 + sum(per_seq) + spare_blocks
+    ids = list(range(1, num_blocks))
+    rng.shuffle(ids)
+    table = torch.zeros(len(specs), max(per_seq) + table_padding, dtype=torch.int32)
+    starts, slots, at = [0], [], 0
+    for i, ((ctx, new), n) in enumerate(zip(specs, per_seq)):
+        table[i, :n] = torch.tensor(ids[at:at + n], dtype=torch.int32)
+        at += n
+        starts.append(starts[-1] + new)
+        slots += [int(table[i, p // block_size]) * block_size + p % block_size
+                  for p in range(ctx, ctx + new)]
+    positions = [p for c, q in specs for p in range(c, c + q)]
+    meta = AttentionMetadata(
+        num_seqs=len(specs), num_tokens=starts[-1],
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=table.to(device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        max_query_len=max(q for _, q in specs), max_seq_len=max(seq_lens), block_size=block_size,
+        query_start_loc_cpu=starts, seq_lens_cpu=seq_lens,
+        positions=torch.tensor(positions, dtype=torch.int64, device=device))
+    return meta, num_blocks
 
 
 def build_metadata(chunks: list[tuple[PagedSeq, int]], block_size: int,

@@ -7,7 +7,6 @@ outputs and the contexts read back in position order.
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass
 
 import pytest
@@ -18,6 +17,7 @@ from heron.kernels import cbuild
 from heron.kernels.cpu import CpuAttention, native_kernel_available
 from heron.kernels.interface import AttentionMetadata
 from heron.kernels.reference import ReferenceAttention, gather_context, write_kv
+from model_utils import shuffled_block_metadata
 
 needs_native = pytest.mark.skipif(not native_kernel_available(),
                                   reason="the C attention kernel does not build here")
@@ -37,27 +37,7 @@ class Batch:
 def make_batch(specs: list[tuple[int, int]], block_size: int, seed: int = 0,
                spare_blocks: int = 3) -> Batch:
     """Metadata for sequences (context, new tokens) on shuffled blocks (block 0 unused)."""
-    rng = random.Random(seed)
-    seq_lens = [c + q for c, q in specs]
-    per_seq = [-(-s // block_size) for s in seq_lens]
-    num_blocks = 1 + sum(per_seq) + spare_blocks
-    ids = list(range(1, num_blocks))
-    rng.shuffle(ids)
-    table = torch.zeros(len(specs), max(per_seq) + 1, dtype=torch.int32)   # padded with 0
-    starts, slots, at = [0], [], 0
-    for i, ((ctx, new), n) in enumerate(zip(specs, per_seq)):
-        table[i, :n] = torch.tensor(ids[at:at + n], dtype=torch.int32)
-        at += n
-        starts.append(starts[-1] + new)
-        slots += [int(table[i, p // block_size]) * block_size + p % block_size
-                  for p in range(ctx, ctx + new)]
-    meta = AttentionMetadata(
-        num_seqs=len(specs), num_tokens=starts[-1],
-        query_start_loc=torch.tensor(starts, dtype=torch.int32),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_tables=table,
-        slot_mapping=torch.tensor(slots, dtype=torch.int64), max_query_len=max(q for _, q in specs),
-        max_seq_len=max(seq_lens), block_size=block_size, query_start_loc_cpu=starts,
-        seq_lens_cpu=seq_lens)
+    meta, num_blocks = shuffled_block_metadata(specs, block_size, seed, spare_blocks=spare_blocks)
     return Batch(meta, num_blocks, specs)
 
 

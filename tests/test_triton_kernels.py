@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import random
 
 import pytest
 import torch
@@ -41,6 +40,7 @@ if DEVICE == "cpu":
 from heron.kernels.interface import AttentionMetadata
 from heron.kernels.reference import ReferenceAttention, gather_context, write_kv
 from heron.kernels.triton_attention import TritonAttention
+from model_utils import shuffled_block_metadata
 
 # (context already cached, new tokens) per sequence: decodes, fresh prefills and
 # prefill chunks over a cached context, lengths that leave partial last blocks.
@@ -49,33 +49,9 @@ DECODES = [(37, 1), (1, 1), (0, 1), (129, 1), (16, 1), (90, 1)]
 
 
 def make_meta(specs: list[tuple[int, int]], block_size: int, seed: int) -> tuple[AttentionMetadata, int]:
-    """Metadata for sequences (context, new tokens) on shuffled blocks (block 0 unused,
-    spare blocks left over, table rows padded with 0); returns it and the block count."""
-    rng = random.Random(seed)
-    seq_lens = [c + q for c, q in specs]
-    per_seq = [-(-s // block_size) for s in seq_lens]
-    num_blocks = 1 + sum(per_seq) + 3
-    ids = list(range(1, num_blocks))
-    rng.shuffle(ids)
-    table = torch.zeros(len(specs), max(per_seq) + 2, dtype=torch.int32)
-    starts, slots, at = [0], [], 0
-    for i, ((ctx, new), n) in enumerate(zip(specs, per_seq)):
-        table[i, :n] = torch.tensor(ids[at:at + n], dtype=torch.int32)
-        at += n
-        starts.append(starts[-1] + new)
-        slots += [int(table[i, p // block_size]) * block_size + p % block_size
-                  for p in range(ctx, ctx + new)]
-    positions = [p for c, q in specs for p in range(c, c + q)]
-    dev = DEVICE
-    meta = AttentionMetadata(
-        num_seqs=len(specs), num_tokens=starts[-1],
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-        block_tables=table.to(dev), slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-        max_query_len=max(q for _, q in specs), max_seq_len=max(seq_lens), block_size=block_size,
-        query_start_loc_cpu=starts, seq_lens_cpu=seq_lens,
-        positions=torch.tensor(positions, dtype=torch.int64, device=dev))
-    return meta, num_blocks
+    """Metadata for sequences (context, new tokens) on shuffled blocks of DEVICE (block 0
+    unused, spare blocks left over, table rows padded with 0); returns it and the block count."""
+    return shuffled_block_metadata(specs, block_size, seed, device=DEVICE, table_padding=2)
 
 
 def context_slots(meta: AttentionMetadata, specs: list[tuple[int, int]]) -> torch.Tensor:
