@@ -91,26 +91,70 @@ class DeviceConfig:
     device: str = "auto"
 
 
+# vLLM's names for the executors: one process, one process per rank on this host, Ray actors.
+EXECUTOR_BACKENDS = ("uni", "mp", "ray")
+
+
+@dataclass
+class ParallelConfig:
+    """How one model is spread over processes (vLLM's names).
+
+    `tensor_parallel_size` ranks each hold a shard of every layer's weights and of the KV
+    cache. `distributed_executor_backend` chooses how the ranks run: "uni" (in the
+    engine's process, one rank only), "mp" (one process per rank on this host) or
+    "ray" (Ray actors, possibly on several hosts); None picks "uni" for one rank and
+    "mp" for more. `pipeline_parallel_size` is accepted so that platforms can refuse it
+    with a reason (no built-in platform splits layers across ranks yet)."""
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+        backend = self.distributed_executor_backend
+        if backend is not None and backend not in EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend={backend!r} is not one of "
+                             f"{', '.join(EXECUTOR_BACKENDS)}")
+        if backend == "uni" and self.world_size > 1:
+            raise ValueError(f"distributed_executor_backend='uni' runs one rank, but "
+                             f"tensor_parallel_size x pipeline_parallel_size is {self.world_size}; "
+                             "use 'mp' (this host) or 'ray'")
+
+    @property
+    def world_size(self) -> int:
+        """The number of ranks (worker processes) that run the model."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def executor_backend(self) -> str:
+        """The backend in effect: the one asked for, else "uni" for one rank, "mp" for more."""
+        if self.distributed_executor_backend is not None:
+            return self.distributed_executor_backend
+        return "uni" if self.world_size == 1 else "mp"
+
+
 @dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @classmethod
     def create(cls, **kwargs: Any) -> "EngineConfig":
         """Build from flat vLLM-style keyword arguments; unknown names raise TypeError."""
-        parts: dict[str, dict[str, Any]] = {"model": {}, "cache": {}, "scheduler": {}, "device": {}}
-        owners = {f.name: part for part, klass in
-                  (("model", ModelConfig), ("cache", CacheConfig),
-                   ("scheduler", SchedulerConfig), ("device", DeviceConfig))
+        classes = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+                   "device": DeviceConfig, "parallel": ParallelConfig}
+        parts: dict[str, dict[str, Any]] = {part: {} for part in classes}
+        owners = {f.name: part for part, klass in classes.items()
                   for f in dataclasses.fields(klass)}
         for key, value in kwargs.items():
             if key not in owners:
                 known = ", ".join(sorted(owners))
                 raise TypeError(f"unknown engine argument {key!r}; known arguments: {known}")
             parts[owners[key]][key] = value
-        return cls(model=ModelConfig(**parts["model"]), cache=CacheConfig(**parts["cache"]),
-                   scheduler=SchedulerConfig(**parts["scheduler"]),
-                   device=DeviceConfig(**parts["device"]))
+        return cls(**{part: klass(**parts[part]) for part, klass in classes.items()})

@@ -37,6 +37,8 @@ ENV_VARS: dict[str, EnvVar] = {
         EnvVar("HERON_OPENVINO_NUM_THREADS", None, "OpenVINO inference threads (default: all cores)"),
         EnvVar("HERON_OPENVINO_CACHE_DIR", None, "converted and compiled OpenVINO models "
                "(default HERON_CACHE_DIR/openvino)"),
+        EnvVar("HERON_WORKER_TIMEOUT_SECONDS", "300", "seconds a worker rank may take to answer one "
+               "step (and a collective to complete) before it is declared failed"),
         EnvVar("HERON_API_KEY", None, "API key `heron serve` requires on /v1/* (same as --api-key)"),
         EnvVar("HERON_LOGGING_LEVEL", "INFO", "log level of the heron logger"),
     ]

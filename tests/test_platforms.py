@@ -373,7 +373,7 @@ def test_platforms_without_execution_refuse_clearly(name, tiny_llama, monkeypatc
         LLM(tiny_llama, device=name)
     assert platform.validate(EngineConfig.create()) == [platform.not_ready()]
     with pytest.raises(NotImplementedError, match="not implemented"):
-        platform.executor_class()
+        platform.memory_info()
 
 
 # -- the Platform defaults, and the CLI ------------------------------------------------------

@@ -151,10 +151,17 @@ class AsyncLLMEngine:
 
     @property
     def is_healthy(self) -> bool:
-        return self._dead is None
+        return self.dead_error is None
 
     @property
     def dead_error(self) -> EngineDeadError | None:
+        """Why the engine is dead, or None. Also notices workers that died between steps
+        (another process or host), so that a health check turns red without a request."""
+        if self._dead is None:
+            try:
+                self.engine.check_health()
+            except Exception as e:  # noqa: BLE001 - whatever it is, the engine cannot step
+                self._die(EngineDeadError(f"the engine failed: {type(e).__name__}: {e}"))
         return self._dead
 
     @property
@@ -227,6 +234,7 @@ class AsyncLLMEngine:
         """Stop the engine thread; open streams and queued requests fail, nothing hangs."""
         self._die(EngineDeadError("the engine was shut down"))
         self._thread.join(timeout)
+        self.engine.shutdown()   # worker processes, when the model runs in others
 
     # -- the engine thread ------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from heron.core.sampling_params import SamplingParams
 from heron.core.scheduler import Scheduler
 from heron.core.tokenizer import load_tokenizer, resolve_eos_token_ids
 from heron.logger import get_logger
+from heron.worker.executor import executor_class
 
 logger = get_logger(__name__)
 
@@ -63,23 +64,33 @@ class LLMEngine:
         self.config = config = self.platform.complete_config(config)
         model_path = config.model.model or _default_model_path()
         self.model_path = model_path
+        _check_model_split(config, model_path)
         self.tokenizer = load_tokenizer(config.model.tokenizer or model_path)
         self.eos_token_ids = resolve_eos_token_ids(model_path, self.tokenizer)
-        self.executor = self.platform.executor_class()(config, self.platform, model_path)
+        self.executor = executor_class(config, self.platform)(config, self.platform, model_path)
+        try:
+            self._set_up_cache()
+        except BaseException:
+            self.executor.shutdown()   # no worker process outlives a failed start
+            raise
+        self.scheduler = Scheduler(config.scheduler, config.cache, self.num_blocks,
+                                   self.max_model_len)
+        self.vocab_size = self.executor.vocab_size
+        self._parents: dict[str, _Parent] = {}
+        self._sequences: dict[str, _Sequence] = {}
+        self._ids = itertools.count()
+        logger.info("platform %s, %d KV blocks of %d tokens (%d tokens), max_model_len %d%s",
+                    self.platform.name, self.num_blocks, config.cache.block_size,
+                    self.num_blocks * config.cache.block_size, self.max_model_len,
+                    _describe_parallel(config))
+
+    def _set_up_cache(self) -> None:
         self.max_model_len = self._resolve_max_model_len()
         self._check_budget()
         num_blocks = self.executor.determine_num_blocks()
         self._check_capacity(num_blocks)
         self.executor.initialize_cache(num_blocks)
         self.num_blocks = num_blocks
-        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.max_model_len)
-        self.vocab_size = self.executor.vocab_size
-        self._parents: dict[str, _Parent] = {}
-        self._sequences: dict[str, _Sequence] = {}
-        self._ids = itertools.count()
-        logger.info("platform %s, %d KV blocks of %d tokens (%d tokens), max_model_len %d",
-                    self.platform.name, num_blocks, config.cache.block_size,
-                    num_blocks * config.cache.block_size, self.max_model_len)
 
     def _resolve_max_model_len(self) -> int:
         model_max = self.executor.model_max_len
@@ -189,6 +200,14 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents)
 
+    def check_health(self) -> None:
+        """Raise if the model's workers are known to be gone (cheap; any thread)."""
+        self.executor.check_health()
+
+    def shutdown(self) -> None:
+        """Stop the executor's workers (other processes or hosts); safe to call twice."""
+        self.executor.shutdown()
+
     def get_num_unfinished_requests(self) -> int:
         return len(self._parents)
 
@@ -261,6 +280,29 @@ class LLMEngine:
                 if logprob.decoded_token is None:
                     logprob.decoded_token = self.tokenizer.decode([token_id])
         return request.prompt_logprobs
+
+
+def _check_model_split(config: EngineConfig, model_path: str) -> None:
+    """Refuse, before any worker starts, a tensor-parallel size the model cannot take."""
+    tp = config.parallel.tensor_parallel_size
+    if tp == 1:
+        return
+    from heron.models.loader import describe_model
+    from heron.models.tensor_parallel import tensor_parallel_problems
+
+    model = describe_model(model_path, config.model.dtype)
+    problems = tensor_parallel_problems(model.hf_config, model.model_cls, tp)
+    if problems:
+        raise ValueError(f"cannot split {model_path} over tensor_parallel_size={tp}: "
+                         + "; ".join(problems))
+
+
+def _describe_parallel(config: EngineConfig) -> str:
+    parallel = config.parallel
+    if parallel.world_size == 1:
+        return ""
+    return (f", tensor parallel {parallel.tensor_parallel_size} "
+            f"({parallel.executor_backend} executor)")
 
 
 def _default_model_path() -> str:

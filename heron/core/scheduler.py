@@ -40,7 +40,7 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted_ids: list[str] = field(default_factory=list)
-    finished_ids: list[str] = field(default_factory=list)  # finished since the last step
+    finished_ids: list[str] = field(default_factory=list)  # finished since the last step run
 
     @property
     def num_tokens(self) -> int:
@@ -115,11 +115,14 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(finished_ids=self._finished_ids)
-        self._finished_ids = []
         budget = self.config.max_num_batched_tokens
         budget = self._schedule_running(out, budget)
         if not out.preempted_ids:
             self._schedule_waiting(out, budget)
+        if not out.is_empty:
+            # An empty step never reaches the model runner: its finished ids wait for the
+            # next step that does (workers in other processes free their state by them).
+            self._finished_ids = []
         return out
 
     def _chunk(self, request: Request, budget: int) -> int:

@@ -17,11 +17,17 @@ class LLM:
     `model` is a local Hugging Face folder (config.json + .safetensors); None uses the
     embedded default model (SmolLM2-135M-Instruct). Other keyword arguments are vLLM's
     engine arguments: dtype, max_model_len, enable_prefix_caching, device, seed,
-    block_size, max_num_seqs, max_num_batched_tokens, kv_cache_memory_bytes, ...
+    block_size, max_num_seqs, max_num_batched_tokens, kv_cache_memory_bytes,
+    tensor_parallel_size, distributed_executor_backend, ...
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         self.llm_engine = LLMEngine(EngineConfig.create(model=model, **kwargs))
+
+    def shutdown(self) -> None:
+        """Stop the engine's worker processes now (they also stop when this object is
+        garbage-collected or the interpreter exits)."""
+        self.llm_engine.shutdown()
 
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer

@@ -9,8 +9,11 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from heron.distributed import TensorParallelGroup
 from heron.logger import get_logger
 from heron.models.registry import ModelRegistry
+from heron.models.tensor_parallel import (reduce_row_parallel_outputs, shard_config, shard_vocab,
+                                          shard_weights, tensor_parallel_problems)
 
 logger = get_logger(__name__)
 
@@ -25,39 +28,57 @@ _DTYPES: dict[str, torch.dtype] = {
 
 @dataclass
 class LoadedModel:
-    """A model ready for inference, with the config and dtype it was built from."""
+    """A model ready for inference, with the config and dtype it was built from.
+
+    `hf_config` is the checkpoint's; `shard_config` the one this rank's model was built
+    from (the same object without tensor parallelism): its head counts size the KV cache."""
     model: nn.Module
     hf_config: Any
     dtype: torch.dtype
     max_model_len: int
+    shard_config: Any = None
+
+    def __post_init__(self) -> None:
+        if self.shard_config is None:
+            self.shard_config = self.hf_config
 
 
-def load_model(model_dir: str, dtype: str = "auto",
-               device: torch.device | str = "cpu") -> LoadedModel:
-    """Load the model in `model_dir` in eval mode on `device`.
+def load_model(model_dir: str, dtype: str = "auto", device: torch.device | str = "cpu",
+               group: TensorParallelGroup | None = None) -> LoadedModel:
+    """Load the model in `model_dir` in eval mode on `device`; with a tensor-parallel
+    `group` of several ranks, this rank's shard of it (see heron.models.tensor_parallel).
 
     `dtype` is auto|float32|float16|bfloat16; auto takes the config's dtype
     (float32 when the config names none). Raises FileNotFoundError/ValueError
     with the offending path for a bad folder, and the registry's ValueError for
-    an unsupported architecture.
+    an unsupported architecture or a split the model does not allow.
     """
+    group = group or TensorParallelGroup.single()
     folder = _check_folder(model_dir)
     files = safetensors_files(folder)   # before the config: fail fast on a weightless folder
     hf_config = _read_config(folder)
     model_cls = ModelRegistry.resolve(list(getattr(hf_config, "architectures", None) or []))
+    problems = tensor_parallel_problems(hf_config, model_cls, group.world_size)
+    if problems:
+        raise ValueError("; ".join(problems))
     torch_dtype = resolve_dtype(dtype, hf_config)
     device = torch.device(device)
+    local_config = shard_config(hf_config, group)
     # Build on the meta device and materialise uninitialised storage: random
     # initialisation of weights that are overwritten anyway costs seconds per GB.
     with torch.device("meta"):
-        model = model_cls(hf_config, torch_dtype)
+        model = model_cls(local_config, torch_dtype)
+        shard_vocab(model, hf_config, group)
     model.to_empty(device=device)
-    model.load_weights(iter_safetensors(files))
+    model.load_weights(shard_weights(iter_safetensors(files), hf_config, group))
+    reduce_row_parallel_outputs(model, group)
     model.eval().requires_grad_(False)
     max_len = _max_model_len(hf_config)
-    logger.info("loaded %s from %s (%s, %s, max_model_len %d)", model_cls.__name__, folder,
-                torch_dtype, device, max_len)
-    return LoadedModel(model=model, hf_config=hf_config, dtype=torch_dtype, max_model_len=max_len)
+    logger.info("loaded %s from %s (%s, %s, max_model_len %d%s)", model_cls.__name__, folder,
+                torch_dtype, device, max_len,
+                f", rank {group.rank} of {group.world_size}" if group.world_size > 1 else "")
+    return LoadedModel(model=model, hf_config=hf_config, dtype=torch_dtype, max_model_len=max_len,
+                       shard_config=local_config)
 
 
 @dataclass
@@ -68,6 +89,7 @@ class ModelDescription:
     hf_config: Any
     dtype: torch.dtype
     max_model_len: int
+    model_cls: type
 
 
 def describe_model(model_dir: str, dtype: str = "auto") -> ModelDescription:
@@ -75,9 +97,9 @@ def describe_model(model_dir: str, dtype: str = "auto") -> ModelDescription:
     folder = _check_folder(model_dir)
     files = safetensors_files(folder)
     hf_config = _read_config(folder)
-    ModelRegistry.resolve(list(getattr(hf_config, "architectures", None) or []))
+    model_cls = ModelRegistry.resolve(list(getattr(hf_config, "architectures", None) or []))
     return ModelDescription(folder, files, hf_config, resolve_dtype(dtype, hf_config),
-                            _max_model_len(hf_config))
+                            _max_model_len(hf_config), model_cls)
 
 
 def resolve_dtype(dtype: str, hf_config: Any) -> torch.dtype:

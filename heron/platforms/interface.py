@@ -4,8 +4,11 @@ A plugin subclasses `Platform` once and registers an instance through the
 `register_platforms` hook. The core never asks a platform "do you support X?"
 through ad-hoc methods: it reads the frozen `Capabilities`, asks `validate()`
 for reasons to refuse a configuration, and otherwise calls the members below
-(seventeen in all). Nothing here imports torch at module level: `detect()` and
-`heron platforms` must stay cheap.
+(eighteen in all). Nothing here imports torch at module level: `detect()` and
+`heron platforms` must stay cheap; nor anything of heron's worker or executors:
+dependencies run one way, from the executors to this contract. The worker side of
+the contract (what an executor calls, what a model runner provides) is written down
+in docs/writing-a-platform-plugin.md.
 
 Priorities used by the built-ins, so third parties can place themselves:
 cuda and rocm 40, xla and neuron 30, cpu 0, openvino -1 (chosen by name only: on
@@ -23,8 +26,8 @@ if TYPE_CHECKING:  # heavy imports stay out of detection
 
     from heron.config import EngineConfig
     from heron.kernels.interface import AttentionBackend
+    from heron.distributed import TensorParallelGroup
     from heron.kernels.layer_ops import LayerOps
-    from heron.worker.executor import Executor
 
 
 @dataclass(frozen=True)
@@ -43,19 +46,17 @@ class Capabilities:
     """What a platform can do, declared once; the conformance suite checks it against behaviour.
 
     `dtypes` are model dtypes (`float32`, `float16`, `bfloat16`) the platform runs; an
-    empty set means it runs nothing yet. `kv_cache_dtypes` lists KV-cache dtypes
-    (`auto`: the model's). `prefix_caching` and `chunked_prefill` may be refused by
-    `validate()` when False. `tensor_parallel` and `graph_capture` say whether the
-    platform's executor shards a model over several devices and captures graphs.
+    empty set means it runs nothing yet. `prefix_caching` and `chunked_prefill` may be
+    refused by `validate()` when False. `tensor_parallel` says whether a model may be
+    split over several ranks on this platform (`tensor_parallel_size > 1`; the ranks
+    talk through `Platform.distributed_backend`); `validate()` refuses it when False.
     `block_sizes` are the KV block sizes the platform's attention takes (empty: any
     power of two); the smallest is the default when the user names none.
     """
     dtypes: frozenset[str] = frozenset({"float32"})
-    kv_cache_dtypes: frozenset[str] = frozenset({"auto"})
     prefix_caching: bool = True
     chunked_prefill: bool = True
     tensor_parallel: bool = False
-    graph_capture: bool = False
     block_sizes: frozenset[int] = frozenset()
 
     @property
@@ -69,6 +70,17 @@ class MemoryInfo:
     """Device memory in bytes: all of it, and what is free now."""
     total_bytes: int
     available_bytes: int
+
+
+@dataclass(frozen=True)
+class RankPlacement:
+    """Where one worker process stands: its rank among the model's `world_size` ranks, and
+    among the `local_world_size` ranks on its own host (`local_rank`: which device to take,
+    how many cores to use)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
 
 
 @dataclass(frozen=True)
@@ -120,6 +132,13 @@ class Platform(ABC):
                            f"(supported: {allowed}); pass block_size={min(sizes)} or leave it unset")
         if config.scheduler.enable_chunked_prefill and not self.capabilities.chunked_prefill:
             reasons.append(f"{self.name} has no chunked prefill; pass enable_chunked_prefill=False")
+        if config.parallel.tensor_parallel_size > 1 and not self.capabilities.tensor_parallel:
+            reasons.append(f"{self.name} cannot split a model over several ranks; pass "
+                           "tensor_parallel_size=1")
+        if config.parallel.pipeline_parallel_size > 1:
+            reasons.append("pipeline parallelism is not implemented in heron yet; pass "
+                           "pipeline_parallel_size=1 (tensor_parallel_size splits a model "
+                           "over several processes or hosts)")
         return reasons
 
     def complete_config(self, config: "EngineConfig") -> "EngineConfig":
@@ -163,10 +182,21 @@ class Platform(ABC):
             budget = min(budget, profile.memory.available_bytes)
         return budget
 
-    def executor_class(self) -> type["Executor"]:
-        """The executor that runs the model runner(s) for this platform."""
-        from heron.worker.executor import UniProcExecutor
-        return UniProcExecutor
+    def executor_class(self) -> type | None:
+        """An executor of the platform's own (a subclass of `heron.worker.executor.Executor`),
+        or None, the default: the engine then picks heron's executor for the configuration's
+        `distributed_executor_backend` (uni, mp or ray). Override only when the platform's
+        runtime must own its processes."""
+        return None
+
+    def make_model_runner(self, config: "EngineConfig", model_path: str,
+                          group: "TensorParallelGroup") -> object | None:
+        """A model runner of the platform's own, or None, the default: heron's torch
+        `ModelRunner`, which calls `attention_backend`, `prepare_model` and `layer_ops`.
+        Called by the worker of each rank, in its process, after `set_up_process`. A
+        platform whose models do not run in torch returns its runner here (the methods a
+        runner provides are listed in docs/writing-a-platform-plugin.md)."""
+        return None
 
     def prepare_model(self, model: "torch.nn.Module", dtype: "torch.dtype") -> "torch.nn.Module":
         """Called once after weights load: a platform may repack weights for its kernels
@@ -179,9 +209,10 @@ class Platform(ABC):
         from heron.kernels.layer_ops import LayerOps
         return LayerOps()
 
-    def set_up_process(self) -> None:
+    def set_up_process(self, placement: RankPlacement) -> None:
         """Called once in each process that runs a model runner, before the model loads
-        (thread counts, the current device, environment for the device runtime)."""
+        (thread counts, the current device, environment for the device runtime).
+        `placement` says which rank the process is, on its host and overall."""
 
     def seed_everything(self, seed: int) -> None:
         """Seed every random generator the model runner may use on this platform."""

@@ -17,7 +17,6 @@ if TYPE_CHECKING:
 
     from heron.config import EngineConfig
     from heron.kernels.interface import AttentionBackend
-    from heron.worker.executor import Executor
 
 
 class PendingPlatform(Platform):
@@ -44,7 +43,4 @@ class PendingPlatform(Platform):
         raise NotImplementedError(self.not_ready())
 
     def memory_info(self) -> MemoryInfo:
-        raise NotImplementedError(self.not_ready())
-
-    def executor_class(self) -> type["Executor"]:
         raise NotImplementedError(self.not_ready())

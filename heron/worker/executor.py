@@ -1,25 +1,45 @@
-"""Executors run the model runner(s) for the engine; the platform chooses which.
+"""Executors: the engine's one handle on the model, however many processes run it.
 
-`UniProcExecutor` runs one model runner in the engine's own process. Executors for
-tensor parallelism (several processes, or Ray) implement the same four methods.
+The engine calls an executor in this order, from one thread (the engine's):
+
+1. the constructor: start the ranks and load the model (blocks until loaded);
+2. `model_max_len`, `vocab_size`: facts about the model;
+3. `determine_num_blocks()`: profile memory on every rank; the smallest count wins;
+4. `initialize_cache(num_blocks)`: allocate every rank's KV cache;
+5. `execute_model(sched)` once per step: the sampled tokens, from rank 0;
+6. `shutdown()`: stop every rank; safe to call twice.
+
+`check_health()` may be called from any thread. Any failure of a rank (an exception,
+a dead process, no reply in time) raises `WorkerError` naming the rank, from that call
+and every later one: the engine then fails the requests in flight.
+
+heron's executors: `UniProcExecutor` (one rank in the engine's process),
+`MultiprocExecutor` (one process per rank on this host) and `RayExecutor` (Ray actors,
+over the nodes of a Ray cluster), chosen by `distributed_executor_backend`. A platform
+supplies its own by subclassing `Executor` and returning the class from
+`Platform.executor_class()`.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
 
 from heron.config import EngineConfig
 from heron.core.scheduler import ModelRunnerOutput, SchedulerOutput
-from heron.logger import get_logger
-from heron.platforms.interface import MemoryProfile, Platform
+from heron.platforms.interface import Platform
 
-if TYPE_CHECKING:
-    from heron.worker.model_runner import ModelRunner
 
-logger = get_logger(__name__)
+class WorkerError(RuntimeError):
+    """A rank failed: it raised, its process died, or it did not answer in time."""
+
+    def __init__(self, rank: int | None, message: str) -> None:
+        where = f"worker rank {rank}" if rank is not None else "a worker"
+        super().__init__(f"{where}: {message}")
+        self.rank = rank
 
 
 class Executor(ABC):
+    """Runs the model runner(s) of one model for the engine (the contract above)."""
+
     def __init__(self, config: EngineConfig, platform: Platform, model_path: str) -> None:
         self.config = platform.complete_config(config)
         self.platform = platform
@@ -30,62 +50,75 @@ class Executor(ABC):
     def model_max_len(self) -> int:
         """The longest context the model was trained for."""
 
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Rows of the model's logits (token ids are below it)."""
+
     @abstractmethod
     def determine_num_blocks(self) -> int:
-        """How many KV blocks fit, from the platform's memory profile or the override."""
+        """How many KV blocks fit on every rank, from the platform's memory profile or
+        `num_gpu_blocks_override`."""
 
     @abstractmethod
     def initialize_cache(self, num_blocks: int) -> None:
-        """Allocate the KV cache."""
+        """Allocate `num_blocks` KV blocks on every rank."""
 
     @abstractmethod
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one scheduled step."""
+        """Run one scheduled step on every rank; rank 0's sampled tokens."""
+
+    def check_health(self) -> None:
+        """Raise `WorkerError` if a rank is known to be gone; cheap, any thread."""
+
+    def shutdown(self) -> None:
+        """Stop every rank and free what they hold; later calls do nothing."""
 
 
 class UniProcExecutor(Executor):
+    """One rank in the engine's own process: steps go to the runner without copies."""
+
     def __init__(self, config: EngineConfig, platform: Platform, model_path: str) -> None:
         super().__init__(config, platform, model_path)
-        platform.set_up_process()
-        platform.seed_everything(config.model.seed)
-        self.runner = self.make_runner()
-
-    def make_runner(self) -> "ModelRunner":
-        """The model runner this executor drives; a platform whose models do not run in torch
-        subclasses the executor and returns its own (same methods as `ModelRunner`)."""
-        from heron.worker.model_runner import ModelRunner  # torch stays out of detection paths
-        return ModelRunner(self.config, self.platform, self.model_path)
+        from heron.worker.worker import Worker  # torch stays out of detection paths
+        self.worker = Worker(self.config, platform, model_path)
+        self.runner = self.worker.runner
+        self._facts = self.worker.model_facts()
 
     @property
     def model_max_len(self) -> int:
-        return self.runner.model_max_len
+        return self._facts.model_max_len
 
     @property
     def vocab_size(self) -> int:
-        return self.runner.vocab_size
+        return self._facts.vocab_size
 
     def determine_num_blocks(self) -> int:
-        override = self.config.cache.num_gpu_blocks_override
-        before = self.platform.memory_info()
-        seconds = self.runner.profile_run(self.config.scheduler.max_num_batched_tokens)
-        after = self.platform.memory_info()
-        profile = MemoryProfile(
-            weights_bytes=self.runner.weights_bytes(),
-            peak_activation_bytes=max(0, before.available_bytes - after.available_bytes),
-            memory=after)
-        logger.info("profile run: %.2f s, weights %.1f MiB", seconds, profile.weights_bytes / 2**20)
-        if override is not None:
-            return override
-        num_blocks = self.platform.kv_cache_bytes(self.config, profile) // self.runner.kv_block_bytes()
-        if num_blocks < 1:
-            raise RuntimeError(
-                f"no memory left for the KV cache on {self.platform.name}: weights take "
-                f"{profile.weights_bytes / 2**30:.2f} GiB; pass kv_cache_memory_bytes=... or a "
-                "smaller model")
-        return int(num_blocks)
+        return self.worker.determine_num_blocks()
 
     def initialize_cache(self, num_blocks: int) -> None:
-        self.runner.initialize_cache(num_blocks)
+        self.worker.initialize_cache(num_blocks)
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        return self.runner.execute_model(sched)
+        output = self.worker.execute_model(sched)
+        assert output is not None  # rank 0 always answers
+        return output
+
+
+def executor_class(config: EngineConfig, platform: Platform) -> type[Executor]:
+    """The executor for `config` on `platform`: the platform's own if it has one, else
+    heron's for `distributed_executor_backend`."""
+    own = platform.executor_class()
+    if own is not None:
+        if not (isinstance(own, type) and issubclass(own, Executor)):
+            raise TypeError(f"platform {platform.name!r}: executor_class() returned {own!r}, "
+                            "not a subclass of heron.worker.executor.Executor")
+        return own
+    backend = config.parallel.executor_backend
+    if backend == "mp":
+        from heron.worker.mp_executor import MultiprocExecutor
+        return MultiprocExecutor
+    if backend == "ray":
+        from heron.worker.ray_executor import RayExecutor
+        return RayExecutor
+    return UniProcExecutor

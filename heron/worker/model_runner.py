@@ -2,7 +2,8 @@
 
 Prefill chunks and decodes of many requests are packed into one flat batch of
 tokens; logits are computed only where a token is sampled (and, for requests that
-ask for prompt logprobs, at their prompt positions).
+ask for prompt logprobs, at their prompt positions). Under tensor parallelism every
+rank runs the same step on its shard; rank 0 gathers the logits and samples.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 
 from heron.config import EngineConfig
 from heron.core.scheduler import ModelRunnerOutput, SchedulerOutput
+from heron.distributed import TensorParallelGroup
 from heron.forward_context import ForwardContext, set_forward_context
 from heron.logger import get_logger
 from heron.models.loader import load_model
@@ -24,21 +26,26 @@ logger = get_logger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, platform: Platform, model_path: str) -> None:
+    """heron's torch model runner: what a `Worker` drives on each rank (see
+    docs/writing-a-platform-plugin.md for the methods a platform's own runner provides)."""
+
+    def __init__(self, config: EngineConfig, platform: Platform, model_path: str,
+                 group: TensorParallelGroup | None = None) -> None:
         self.config = config
+        self.group = group or TensorParallelGroup.single()
         self.device = platform.torch_device()
         self.block_size = config.cache.block_size
-        loaded = load_model(model_path, config.model.dtype, self.device)
+        loaded = load_model(model_path, config.model.dtype, self.device, self.group)
         self.model = platform.prepare_model(loaded.model, loaded.dtype)
         self.hf_config = loaded.hf_config
         self.dtype = loaded.dtype
         self.model_max_len = loaded.max_model_len
-        cfg = self.hf_config
+        cfg = loaded.shard_config   # this rank's heads: they size its shard of the KV cache
         self.num_layers = cfg.num_hidden_layers
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
         self.head_size = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
-        self.vocab_size = cfg.vocab_size
+        self.vocab_size = self.hf_config.vocab_size
         backend_cls = platform.attention_backend(self.dtype, self.head_size)
         self.backend = backend_cls(self.num_heads, self.num_kv_heads, self.head_size,
                                    self.head_size ** -0.5)
@@ -86,7 +93,7 @@ class ModelRunner:
         start = time.perf_counter()
         with set_forward_context(ForwardContext(meta, caches, self.backend, self.layer_ops)):
             hidden = self.model(ids, meta.positions)
-        self.model.compute_logits(hidden[-1:])
+        self._gather_logits(self.model.compute_logits(hidden[-1:]))
         return time.perf_counter() - start
 
     # -- one step -----------------------------------------------------------------------
@@ -102,5 +109,15 @@ class ModelRunner:
         rows = inputs.logits_rows()
         if not rows:
             return ModelRunnerOutput()
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        logits = self._gather_logits(
+            self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]))
+        if logits is None:   # a rank other than 0: its shard of the logits went to rank 0
+            return ModelRunnerOutput()
         return outputs_from_logits(inputs, logits, self.sampler)
+
+    def _gather_logits(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """The whole vocabulary's logits on rank 0 (None elsewhere); the identity on one rank."""
+        if self.group.world_size == 1:
+            return logits
+        gathered = self.group.gather_to_first(logits)
+        return None if gathered is None else gathered[:, :self.vocab_size]

@@ -5,7 +5,8 @@ import os
 from typing import TYPE_CHECKING
 
 from heron import envs
-from heron.platforms.interface import Capabilities, Detection, MemoryInfo, MemoryProfile, Platform
+from heron.platforms.interface import (Capabilities, Detection, MemoryInfo, MemoryProfile,
+                                      Platform, RankPlacement)
 from heron.platforms.probes import host_memory_info
 
 if TYPE_CHECKING:
@@ -23,7 +24,8 @@ class CpuPlatform(Platform):
     device_type = "cpu"
     priority = 0  # any accelerator that is present wins over the host CPU
     capabilities = Capabilities(dtypes=frozenset({"float32", "bfloat16", "float16"}),
-                                prefix_caching=True, chunked_prefill=True)
+                                prefix_caching=True, chunked_prefill=True, tensor_parallel=True)
+    distributed_backend = "gloo"
 
     def detect(self) -> Detection:
         return Detection(True, f"{os.cpu_count()} CPU cores")
@@ -61,8 +63,14 @@ class CpuPlatform(Platform):
         from heron.kernels.layer_ops import LayerOps
         return load_ops() or LayerOps()
 
-    def set_up_process(self) -> None:
+    def set_up_process(self, placement: RankPlacement) -> None:
+        """HERON_CPU_NUM_THREADS torch threads per rank; by default the host's cores shared
+        evenly among the ranks on it (two ranks on a 2-core host: one thread each)."""
         import torch
         threads = envs.get("HERON_CPU_NUM_THREADS")
         if threads:
             torch.set_num_threads(int(threads))
+        elif placement.local_world_size > 1:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+                else os.cpu_count() or 1
+            torch.set_num_threads(max(1, cores // placement.local_world_size))

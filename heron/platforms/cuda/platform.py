@@ -17,7 +17,7 @@ import importlib.util
 from typing import TYPE_CHECKING
 
 from heron.logger import get_logger
-from heron.platforms.interface import Capabilities, Detection, MemoryInfo, Platform
+from heron.platforms.interface import Capabilities, Detection, MemoryInfo, Platform, RankPlacement
 from heron.platforms.probes import device_files, env_hides_devices, torch_build
 
 if TYPE_CHECKING:
@@ -36,8 +36,7 @@ class CudaPlatform(Platform):
     device_type = "cuda"
     priority = 40
     capabilities = Capabilities(dtypes=frozenset({"float32", "float16", "bfloat16"}),
-                                prefix_caching=True, chunked_prefill=True,
-                                tensor_parallel=False, graph_capture=False)
+                                prefix_caching=True, chunked_prefill=True, tensor_parallel=True)
     distributed_backend = "nccl"
     # What torch_build() must say, the device files that prove a GPU, and the variable
     # that can hide every device: the three things RocmPlatform changes.
@@ -114,9 +113,10 @@ class CudaPlatform(Platform):
         free, total = torch.cuda.mem_get_info(torch.cuda.current_device())
         return MemoryInfo(int(total), int(free))
 
-    def set_up_process(self) -> None:
+    def set_up_process(self, placement: RankPlacement) -> None:
+        """One GPU per rank: the host's local_rank-th visible device."""
         import torch
-        torch.cuda.set_device(0)  # one GPU per process; tensor parallel picks by rank later
+        torch.cuda.set_device(placement.local_rank)
 
     def seed_everything(self, seed: int) -> None:
         super().seed_everything(seed)

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from heron.config import EngineConfig
     from heron.kernels.interface import AttentionBackend
     from heron.platforms.openvino.options import OpenVinoOptions
-    from heron.worker.executor import Executor
+    from heron.distributed import TensorParallelGroup
 
 
 class OpenVinoPlatform(Platform):
@@ -35,7 +35,6 @@ class OpenVinoPlatform(Platform):
     priority = -1
     # OpenVINO's CPU PagedAttention stores 32 tokens per block, whatever the cache precision.
     capabilities = Capabilities(dtypes=frozenset({"float32", "bfloat16", "float16"}),
-                                kv_cache_dtypes=frozenset({"auto", "u8", "f16", "bf16", "f32"}),
                                 prefix_caching=True, chunked_prefill=True,
                                 block_sizes=frozenset({32}))
 
@@ -95,6 +94,9 @@ class OpenVinoPlatform(Platform):
             return config.cache.kv_cache_memory_bytes
         return int(self.options.kv_cache_space_gib * 2**30)
 
-    def executor_class(self) -> type["Executor"]:
-        from heron.platforms.openvino.executor import OpenVinoExecutor
-        return OpenVinoExecutor
+    def make_model_runner(self, config: "EngineConfig", model_path: str,
+                          group: "TensorParallelGroup") -> object:
+        """OpenVINO's runner: the converted model, one inference per step (one rank only:
+        `capabilities.tensor_parallel` is False)."""
+        from heron.platforms.openvino.runner import OpenVinoModelRunner
+        return OpenVinoModelRunner(config, self.options, model_path)

@@ -5,6 +5,7 @@ from typing import Any, Callable
 
 from heron.config import EngineConfig
 from heron.platforms.interface import MemoryInfo, Platform
+from heron.worker.executor import executor_class
 
 
 def test_memory_info_is_sane(platform: Platform) -> None:
@@ -21,8 +22,11 @@ def test_own_estimate_gives_kv_blocks(platform: Platform, pinned_device: str,
     KV blocks. Measured without allocating the cache, which may be large."""
     config = EngineConfig.create(model=str(tiny_models["llama"]), dtype="float32",
                                  device=pinned_device)
-    executor = platform.executor_class()(config, platform, str(tiny_models["llama"]))
-    num_blocks = executor.determine_num_blocks()
+    executor = executor_class(config, platform)(config, platform, str(tiny_models["llama"]))
+    try:
+        num_blocks = executor.determine_num_blocks()
+    finally:
+        executor.shutdown()
     assert isinstance(num_blocks, int) and num_blocks > 0
 
 
