@@ -16,13 +16,36 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
                         action="store_false", default=True)
+    _add_parallel_args(parser)
+
+
+def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
+    """vLLM's distributed flags, shared by `generate` and `serve`."""
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="ranks to split the model over (default 1)")
+    parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                        help="pipeline stages (only 1 is supported)")
+    parser.add_argument("--distributed-executor-backend", default=None,
+                        choices=["uni", "mp", "ray"],
+                        help="how ranks run: uni (this process), mp (a process per rank on "
+                             "this host, the default for several ranks) or ray (Ray actors, "
+                             "on the nodes of a Ray cluster)")
+
+
+def parallel_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    """The engine arguments of `_add_parallel_args`' flags (defaults where a caller built
+    `args` without them)."""
+    return {"tensor_parallel_size": getattr(args, "tensor_parallel_size", 1),
+            "pipeline_parallel_size": getattr(args, "pipeline_parallel_size", 1),
+            "distributed_executor_backend": getattr(args, "distributed_executor_backend", None)}
 
 
 def _generate(args: argparse.Namespace) -> int:
     from heron import LLM, SamplingParams
 
     llm = LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-              seed=args.seed, enable_prefix_caching=args.enable_prefix_caching)
+              seed=args.seed, enable_prefix_caching=args.enable_prefix_caching,
+              **parallel_kwargs(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.sampling_seed)
     if args.chat:
@@ -81,6 +104,7 @@ def _add_serve_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--seed", type=int, default=0)
     serve.add_argument("--max-request-body-bytes", type=int, default=4 * 1024 * 1024,
                        help="larger request bodies get 413 (default 4 MiB)")
+    _add_parallel_args(serve)
     serve.add_argument("--uvicorn-log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug", "trace"])
     serve.add_argument("--disable-uvicorn-access-log", action="store_true")

@@ -21,6 +21,7 @@ import heron
 from heron.config import EngineConfig
 from heron.core.async_engine import AsyncLLMEngine
 from heron.core.tokenizer import load_tokenizer
+from heron.entrypoints.cli import parallel_kwargs
 from heron.entrypoints.openai import serving_chat, serving_completion
 from heron.entrypoints.openai.errors import OpenAIError, error_body, error_response, from_exception
 from heron.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
@@ -177,7 +178,8 @@ def build_state(args: argparse.Namespace) -> ServerState:
         model=model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
         seed=args.seed, enable_prefix_caching=args.enable_prefix_caching,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        block_size=args.block_size, kv_cache_memory_bytes=args.kv_cache_memory_bytes)
+        block_size=args.block_size, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        **parallel_kwargs(args))
     chat_template = load_chat_template(args.chat_template)
     names = args.served_model_name or [model or DEFAULT_MODEL_NAME]
     engine = AsyncLLMEngine.from_config(config)
