@@ -396,6 +396,9 @@ def test_heron_platforms_command(capsys):
     header, *rows = out.strip().splitlines()
     assert header.split()[:6] == ["NAME", "PACKAGE", "VERSION", "PRIORITY", "AVAILABLE", "CHOSEN"]
     cpu = next(r for r in rows if r.startswith("cpu "))
-    assert cpu.split()[:6] == ["cpu", "heron", heron.__version__, "0", "yes", "*"]
+    assert cpu.split()[:7] == ["cpu", "heron", heron.__version__, "0", "yes", "*", "gloo"]
+    from heron.platforms.registry import platform_rows
+    tp = {row.name: row.tensor_parallel for row in platform_rows(make_plugin_manager())[0]}
+    assert tp["cpu"] == "gloo" and tp["cuda"] == "nccl" and tp["xla"] == "no"
     assert cli_main(["platforms", "--device", "nope"]) == 1
     assert "unknown device 'nope'" in capsys.readouterr().out

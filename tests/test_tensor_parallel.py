@@ -90,7 +90,8 @@ def test_sampling_with_seeds_and_penalties_is_the_same_on_two_ranks(tiny_model_f
 def test_smollm2_three_ranks_equal_one(smollm2_path: str) -> None:
     """SmolLM2-135M: 9 heads and 3 KV heads, one KV head per rank at TP=3."""
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
-    kwargs = dict(dtype="float32", max_model_len=256, kv_cache_memory_bytes=64 << 20)
+    kwargs = dict(dtype="float32", max_model_len=256, kv_cache_memory_bytes=64 << 20,
+                  max_num_batched_tokens=64)   # a short profile run: three ranks share 2 cores
     params = SamplingParams(temperature=0.0, max_tokens=12)
     expected = [o.outputs[0].token_ids for o in LLM(smollm2_path, **kwargs)
                 .generate(prompts, params, use_tqdm=False)]

@@ -27,9 +27,10 @@ def packing_available(dtype: torch.dtype) -> bool:
     try:
         torch.ops.mkldnn._reorder_linear_weight
         torch.ops.mkldnn._linear_pointwise
+        # oneDNN's bf16 reorder needs AVX-512 (or AVX-NE-CONVERT); AVX2-only CPUs refuse it.
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
-    return True
 
 
 class PackedLinear(nn.Module):

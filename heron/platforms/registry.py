@@ -157,6 +157,7 @@ class PlatformRow:
     available: str
     reason: str
     chosen: bool
+    tensor_parallel: str = "-"   # the distributed backend ranks talk through, or "no"
 
 
 def platform_rows(pm: HeronPluginManager, device: str = AUTO) -> tuple[list[PlatformRow], str | None]:
@@ -169,7 +170,8 @@ def platform_rows(pm: HeronPluginManager, device: str = AUTO) -> tuple[list[Plat
     entries = sorted(pm.platforms(), key=lambda e: (-e.platform.priority, e.platform.name))
     rows = [PlatformRow(e.platform.name, e.plugin.package, e.plugin.version,
                         str(e.platform.priority), "yes" if e.detection.available else "no",
-                        e.detection.reason, e is chosen) for e in entries]
+                        e.detection.reason, e is chosen, _tensor_parallel(e.platform))
+            for e in entries]
     with_platforms = {e.plugin.name for e in entries}
     for info in pm.loaded.values():
         if info.name not in with_platforms:
@@ -182,11 +184,16 @@ def platform_rows(pm: HeronPluginManager, device: str = AUTO) -> tuple[list[Plat
     return rows, error
 
 
+def _tensor_parallel(platform: Platform) -> str:
+    """`heron platforms`' TP column: the backend the ranks use, or "no"."""
+    return platform.distributed_backend if platform.capabilities.tensor_parallel else "no"
+
+
 def format_platform_table(rows: list[PlatformRow]) -> str:
     """Rows as aligned text columns; the reason column comes last and is not cut."""
-    header = ("NAME", "PACKAGE", "VERSION", "PRIORITY", "AVAILABLE", "CHOSEN", "REASON")
+    header = ("NAME", "PACKAGE", "VERSION", "PRIORITY", "AVAILABLE", "CHOSEN", "TP", "REASON")
     cells = [header] + [(r.name, r.package, r.version, r.priority, r.available,
-                         "*" if r.chosen else "", r.reason) for r in rows]
+                         "*" if r.chosen else "", r.tensor_parallel, r.reason) for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1]
                      for row in cells)

@@ -4,10 +4,11 @@ Connecting: if this process is already connected to Ray (`ray.init` was called),
 uses that connection as it is. Otherwise it calls `ray.init()` with no address, which
 in Ray 2.x joins the cluster named by RAY_ADDRESS if set (``host:port``, or
 ``ray://host:10001`` for Ray Client), else the cluster last started on this host with
-``ray start --head``, else starts a private one-node Ray instance. heron never calls
-`ray.shutdown()`: a cluster the user connected is theirs, and even an instance heron
-started may be shared by later engines in this process; Ray disconnects (and stops an
-instance it started) by itself when the interpreter exits.
+``ray start --head``, else starts a private one-node Ray instance (without the
+dashboard: start Ray yourself, with `ray start --head` or `ray.init()`, to have one).
+heron never calls `ray.shutdown()`: a cluster the user connected is theirs, and even
+an instance heron started may be shared by later engines in this process; Ray
+disconnects (and stops an instance it started) by itself when the interpreter exits.
 
 Placement: a placement group with one bundle per rank ({"CPU": 1}, plus {"GPU": 1} on
 CUDA platforms), strategy PACK: the ranks share a node when one has room and spread
@@ -77,8 +78,10 @@ def _connect(ray: Any) -> bool:
     if ray.is_initialized():
         return False
     # No address: Ray reads RAY_ADDRESS, then looks for a `ray start` cluster on this
-    # host, and starts a local instance only if it finds neither.
-    ray.init(ignore_reinit_error=True)
+    # host, and starts a local instance only if it finds neither. Such a private
+    # instance goes without the dashboard (seconds of start-up, and a port opened that
+    # nobody asked for); the other arguments only apply to an instance Ray starts.
+    ray.init(ignore_reinit_error=True, include_dashboard=False)
     return True
 
 
@@ -112,7 +115,13 @@ class RankActor:
         if method not in REMOTE_METHODS:
             raise ValueError(f"unknown worker method {method!r}")
         assert self.worker is not None, "call before build"
-        return getattr(self.worker, method)(*args)
+        try:
+            return getattr(self.worker, method)(*args)
+        except Exception:
+            # The engine gets the one-line cause; the traceback goes to the rank's log
+            # (which Ray forwards to the driver's terminal).
+            logger.exception("rank %d: %s failed", self.worker.rank, method)
+            raise
 
     def watch(self) -> None:
         """Never returns: its reference fails when the actor dies."""
@@ -181,8 +190,8 @@ class RayExecutor(Executor):
             ended, _ = self._ray.wait(self._watches, num_returns=len(self._watches),
                                       timeout=0, fetch_local=False)
             if ended:
-                rank = self._watches.index(ended[0])
-                self._fail(self._outcome(rank, ended[0])[1] or
+                rank = min(self._watches.index(ref) for ref in ended)
+                self._fail(self._outcome(rank, self._watches[rank])[1] or
                            WorkerError(rank, "Ray actor stopped"))
         if self._error is not None:
             raise self._error

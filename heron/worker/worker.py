@@ -114,4 +114,4 @@ class Worker:
         return self.execute_model(self._mirrors.decode(message))
 
     def shutdown(self) -> None:
-        close_tensor_parallel()
+        close_tensor_parallel(self.group)

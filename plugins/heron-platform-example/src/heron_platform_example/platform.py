@@ -48,6 +48,12 @@ class ExamplePlatform(Platform):
     def memory_info(self) -> MemoryInfo:
         return host_memory_info()
 
+    def executor_class(self) -> type:
+        """Its own executor (one rank in the engine's process; `tensor_parallel` stays
+        False). Returning None, the default, lets heron choose."""
+        from heron_platform_example.executor import ExampleExecutor
+        return ExampleExecutor
+
     def kv_cache_bytes(self, config: "EngineConfig", profile: MemoryProfile) -> int:
         """heron's measured budget (a share of memory less weights and peak activations),
         capped; an explicit kv_cache_memory_bytes still wins."""
