@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import datetime
 import socket
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
+from heron import envs
 from heron.logger import get_logger
 
 if TYPE_CHECKING:
@@ -31,11 +33,20 @@ logger = get_logger(__name__)
 
 
 @dataclass
+class CollectiveStats:
+    """Collectives this rank ran and the seconds it spent in them (waiting for slower
+    ranks included): what tensor parallelism costs on top of the shards' compute."""
+    calls: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
 class TensorParallelGroup:
     """This process's place among the ranks of one model (rank 0 samples)."""
     rank: int = 0
     world_size: int = 1
     shared_memory: "SharedMemoryAllReduce | None" = None
+    stats: CollectiveStats = field(default_factory=CollectiveStats)
 
     @classmethod
     def single(cls) -> "TensorParallelGroup":
@@ -48,20 +59,28 @@ class TensorParallelGroup:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The element-wise sum of `x` over the ranks, in place; every rank gets the same."""
         if self.world_size > 1:
+            start = time.perf_counter()
             if self.shared_memory is not None and self.shared_memory.fits(x):
                 self.shared_memory.all_reduce(x)
             else:
                 dist.all_reduce(x)
+            self._count(start)
         return x
+
+    def _count(self, start: float) -> None:
+        self.stats.calls += 1
+        self.stats.seconds += time.perf_counter() - start
 
     def gather_to_first(self, x: torch.Tensor) -> torch.Tensor | None:
         """Rank 0: the ranks' `x` concatenated along the last dimension, in rank order;
         other ranks: None (they only send)."""
         if self.world_size == 1:
             return x
+        start = time.perf_counter()
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.world_size)] if self.is_first else None
         dist.gather(x, parts, dst=0)
+        self._count(start)
         return torch.cat(parts, dim=-1) if parts is not None else None
 
 
@@ -76,7 +95,7 @@ def init_tensor_parallel(rank: int, world_size: int, backend: str, init_method: 
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
     shared = None
-    if backend == "gloo" and _all_on_one_host():
+    if backend == "gloo" and envs.get("HERON_SHM_ALL_REDUCE") != "0" and _all_on_one_host():
         from heron.shm_all_reduce import SharedMemoryAllReduce
         shared = SharedMemoryAllReduce.create(rank, world_size, timeout_s)
     logger.info("rank %d of %d joined the %s process group%s", rank, world_size, backend,

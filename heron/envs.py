@@ -39,6 +39,8 @@ ENV_VARS: dict[str, EnvVar] = {
                "(default HERON_CACHE_DIR/openvino)"),
         EnvVar("HERON_WORKER_TIMEOUT_SECONDS", "300", "seconds a worker rank may take to answer one "
                "step (and a collective to complete) before it is declared failed"),
+        EnvVar("HERON_SHM_ALL_REDUCE", "1", "0: tensor-parallel ranks on one host sum over gloo "
+               "instead of shared memory (for comparison)"),
         EnvVar("HERON_API_KEY", None, "API key `heron serve` requires on /v1/* (same as --api-key)"),
         EnvVar("HERON_LOGGING_LEVEL", "INFO", "log level of the heron logger"),
     ]

@@ -402,3 +402,17 @@ def test_heron_platforms_command(capsys):
     assert tp["cpu"] == "gloo" and tp["cuda"] == "nccl" and tp["xla"] == "no"
     assert cli_main(["platforms", "--device", "nope"]) == 1
     assert "unknown device 'nope'" in capsys.readouterr().out
+
+
+def test_platform_contract_imports_nothing_of_the_worker_side():
+    """Dependencies run one way: executors and workers use the platform contract, never
+    the reverse (and detection stays free of torch)."""
+    import subprocess
+    import sys
+    code = ("import sys, heron.platforms, heron.platforms.interface, heron.platforms.hookspecs\n"
+            "bad = sorted(m for m in sys.modules if m.startswith(('heron.worker', 'torch')))\n"
+            "print(','.join(bad))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "", f"imported: {result.stdout.strip()}"

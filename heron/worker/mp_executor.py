@@ -32,6 +32,7 @@ from typing import Any
 from heron import envs
 from heron.config import EngineConfig
 from heron.core.scheduler import ModelRunnerOutput, SchedulerOutput
+from heron.distributed import CollectiveStats
 from heron.logger import get_logger
 from heron.platforms.interface import Platform, RankPlacement
 from heron.worker.executor import Executor, WorkerError
@@ -116,6 +117,10 @@ class MultiprocExecutor(Executor):
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self._call("execute_step", self._encoder.encode(sched))[0]
+
+    def collective_stats(self) -> list[CollectiveStats]:
+        """Each rank's collectives so far, in rank order (diagnostics for benchmarks)."""
+        return self._call("collective_stats")
 
     def check_health(self) -> None:
         if self._error is None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from heron.config import EngineConfig
 from heron.core.scheduler import ModelRunnerOutput, SchedulerOutput
-from heron.distributed import close_tensor_parallel, init_tensor_parallel
+from heron.distributed import CollectiveStats, close_tensor_parallel, init_tensor_parallel
 from heron.logger import get_logger
 from heron.platforms.interface import MemoryProfile, Platform, RankPlacement
 from heron.worker.step_message import RequestMirrors, StepMessage
@@ -42,7 +42,7 @@ class WorkerSpec:
 
 # What an executor may ask of a worker in another process, by name.
 REMOTE_METHODS = frozenset({"model_facts", "determine_num_blocks", "initialize_cache",
-                            "execute_step", "shutdown"})
+                            "execute_step", "collective_stats", "shutdown"})
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,10 @@ class Worker:
     def execute_step(self, message: StepMessage) -> ModelRunnerOutput | None:
         """`execute_model` for a step sent from the engine's process."""
         return self.execute_model(self._mirrors.decode(message))
+
+    def collective_stats(self) -> CollectiveStats:
+        """Collectives this rank ran so far and the time they took (diagnostics)."""
+        return self.group.stats
 
     def shutdown(self) -> None:
         close_tensor_parallel(self.group)

@@ -1,0 +1,91 @@
+"""Offline throughput with tensor parallelism, and the share of a decode step spent in
+communication between the ranks.
+
+    .venv/bin/python benchmarks/tensor_parallel.py --tp 1             # one rank, all cores
+    .venv/bin/python benchmarks/tensor_parallel.py --tp 2             # two ranks, cores shared out
+    .venv/bin/python benchmarks/tensor_parallel.py --tp 2 --gloo      # all-reduce over gloo only
+
+Runs the shared workload (../shared/anchors/workloads.py, offline-64 by default) on the
+embedded model and prints one JSON line: generated tokens/s, the mean decode step
+(every scheduled request computing one token), and for several ranks the seconds per
+decode step each rank spent in collectives (all-reduces and the logits gather, waiting
+for the slower rank included).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def main() -> None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--model", default=None, help="HF folder (default: embedded SmolLM2)")
+    ap.add_argument("--workload", default="offline-64")
+    ap.add_argument("--anchors", default=os.path.join(here, "..", "..", "shared", "anchors"))
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--gloo", action="store_true",
+                    help="all-reduce over gloo even on one host (no shared memory)")
+    a = ap.parse_args()
+    if a.gloo:
+        os.environ["HERON_SHM_ALL_REDUCE"] = "0"
+    sys.path.insert(0, os.path.abspath(a.anchors))
+    import workloads
+
+    from heron import LLM, SamplingParams
+
+    reqs = workloads.get(a.workload)
+    llm = LLM(a.model, dtype=a.dtype, max_model_len=2048, tensor_parallel_size=a.tp)
+    engine, executor = llm.llm_engine, llm.llm_engine.executor
+    params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True)
+              for r in reqs]
+    llm.generate([r.prompt for r in reqs[:2]], params[:2], use_tqdm=False)  # warm-up
+    engine.scheduler.kv.reset_prefix_cache()
+
+    decode_steps: list[float] = []
+    comm_at_first_decode = None
+    run_step = executor.execute_model
+
+    def timed_step(sched):   # the executor's step, timed where every request decodes
+        nonlocal comm_at_first_decode
+        decoding = all(item.num_new_tokens == 1 for item in sched.scheduled)
+        if decoding and comm_at_first_decode is None and a.tp > 1:
+            comm_at_first_decode = executor.collective_stats()
+        start = time.perf_counter()
+        output = run_step(sched)
+        if decoding:
+            decode_steps.append(time.perf_counter() - start)
+        return output
+
+    executor.execute_model = timed_step
+    for i, (r, p) in enumerate(zip(reqs, params)):
+        engine.add_request(f"bench-{i}", r.prompt, p)
+    generated = 0
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                generated += len(out.outputs[0].token_ids)
+    seconds = time.perf_counter() - start
+    result = {"tensor_parallel_size": a.tp, "workload": a.workload, "dtype": a.dtype,
+              "generated_tok_per_s": round(generated / seconds, 1),
+              "decode_steps": len(decode_steps),
+              "decode_step_ms": round(1e3 * sum(decode_steps) / len(decode_steps), 2)}
+    if a.tp > 1:
+        end = executor.collective_stats()
+        per_rank = [(e.seconds - s.seconds) / len(decode_steps) * 1e3
+                    for s, e in zip(comm_at_first_decode, end)]
+        calls = (end[0].calls - comm_at_first_decode[0].calls) / len(decode_steps)
+        result |= {"comm_ms_per_decode_step_by_rank": [round(x, 2) for x in per_rank],
+                   "collectives_per_decode_step": round(calls, 1),
+                   "shared_memory_all_reduce": not a.gloo}
+    print(json.dumps(result))
+    llm.shutdown()
+
+
+if __name__ == "__main__":
+    main()
