@@ -19,6 +19,7 @@ from heron import LLM, SamplingParams  # noqa: E402
 from heron.config import EngineConfig  # noqa: E402
 from heron.platforms.registry import resolve_platform  # noqa: E402
 from heron.worker.executor import WorkerError  # noqa: E402
+from heron.worker import ray_executor  # noqa: E402
 from heron.worker.ray_executor import RayExecutor, _import_ray  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -75,6 +76,8 @@ def test_two_ray_ranks_equal_one(ray_cluster: None, model_path: str) -> None:
         got = generate(llm, prompts)
         assert llm.llm_engine.scheduler.kv.stats.hits > 0, "the test meant to hit the cache"
         executor.check_health()   # all ranks alive: nothing to report
+        stats = executor.collective_stats()
+        assert len(stats) == 2 and all(s.calls > 0 for s in stats)
     finally:
         llm.shutdown()
     llm.shutdown()                # twice is fine
@@ -83,7 +86,10 @@ def test_two_ray_ranks_equal_one(ray_cluster: None, model_path: str) -> None:
     assert_released(executor)
 
 
-def test_a_killed_actor_fails_the_step_by_rank(ray_cluster: None, model_path: str) -> None:
+def test_a_killed_actor_fails_the_step_by_rank(ray_cluster: None, model_path: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every step through the object store here (the test above sends them inline).
+    monkeypatch.setattr(ray_executor, "_INLINE_STEP_BYTES", 0)
     llm = LLM(model_path, **RAY_TP2)
     executor = llm.llm_engine.executor
     try:
