@@ -105,6 +105,11 @@ def test_kv_cache_space_variable_sets_the_number_of_blocks(tiny_llama, monkeypat
                                                 ("bfloat16", "bf16"), ("bfloat16", "u8")])
 def test_kv_cache_precisions_run(tiny_llama, monkeypatch, dtype, kv_precision):
     monkeypatch.setenv("HERON_OPENVINO_KV_CACHE_PRECISION", kv_precision)
+    if kv_precision == "bf16" and not _device_has_bf16():
+        # An AVX2-only CPU computes in f32 and refuses a bf16 cache: a clear error, then.
+        with pytest.raises(ValueError, match="KV_CACHE_PRECISION=bf16.*expect kvcache type f32"):
+            LLM(tiny_llama, device="openvino", dtype=dtype)
+        return
     llm = LLM(tiny_llama, device="openvino", dtype=dtype)
     runner = llm.llm_engine.executor.runner
     assert runner.compiled.get_property("KV_CACHE_PRECISION").to_string() == kv_precision
@@ -178,3 +183,17 @@ def test_prompt_and_sample_logprobs_match_the_cpu_platform(tiny_llama):
         for ov_pos, cpu_pos in zip(ov_req.outputs[0].logprobs, cpu_req.outputs[0].logprobs):
             for token, lp in cpu_pos.items():
                 assert ov_pos[token].logprob == pytest.approx(lp.logprob, abs=1e-4)
+
+
+def _device_has_bf16() -> bool:
+    import openvino as ov
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def test_a_bf16_model_gets_a_cache_the_device_takes():
+    import torch
+    options = OpenVinoOptions()
+    assert options.compile_properties(torch.bfloat16, ["FP32", "BF16"])["KV_CACHE_PRECISION"] == "bf16"
+    assert options.compile_properties(torch.bfloat16, ["FP32", "INT8"])["KV_CACHE_PRECISION"] == "f32"
+    asked = OpenVinoOptions(kv_cache_precision="bf16")   # what the user sets is kept
+    assert asked.compile_properties(torch.bfloat16, ["FP32"])["KV_CACHE_PRECISION"] == "bf16"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 from heron import envs
 
@@ -58,13 +58,20 @@ class OpenVinoOptions:
             return self.inference_precision
         return "f32" if str(model_dtype) == "torch.float32" else None
 
-    def compile_properties(self, model_dtype: Any) -> dict[str, Any]:
-        """Properties for `Core.compile_model`."""
+    def compile_properties(self, model_dtype: Any,
+                           device_capabilities: Collection[str] | None = None) -> dict[str, Any]:
+        """Properties for `Core.compile_model`. `device_capabilities` is the device's
+        OPTIMIZATION_CAPABILITIES (None: not known)."""
         props: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
         precision = self.precision_for(model_dtype)
         if precision:
             props["INFERENCE_PRECISION_HINT"] = precision
         kv = self.kv_cache_precision or precision or _MODEL_PRECISION.get(str(model_dtype))
+        if kv == "bf16" and not self.kv_cache_precision and device_capabilities is not None \
+                and "BF16" not in device_capabilities:
+            # A CPU without bf16 instructions (AVX2 only) computes bf16 models in f32, and
+            # its PagedAttention then takes only an f32 (or f16, u8) cache.
+            kv = "f32"
         if kv:
             props["KV_CACHE_PRECISION"] = kv
         if self.num_threads:

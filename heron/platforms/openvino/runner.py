@@ -47,8 +47,9 @@ class OpenVinoModelRunner:
         core = ov.Core()
         self.converted: ConvertedModel = convert(description, options.cache_path("ir"), core)
         self.num_layers = self.converted.num_layers
+        capabilities = core.get_property(options.device, "OPTIMIZATION_CAPABILITIES")
         self.compiled = _compile(core, self.converted.model, options.device,
-                                 options.compile_properties(self.dtype))
+                                 options.compile_properties(self.dtype, capabilities))
         self.request = self.compiled.create_infer_request()
         # Element type and per-block dims [kv_heads, rows, head_size] the device chose; u8
         # keys carry their quantisation scales in extra rows.
