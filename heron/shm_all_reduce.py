@@ -49,6 +49,10 @@ class SharedMemoryAllReduce:
                                count=2 * world_size * slot_bytes)
         self._slots = raw.view(2, world_size, slot_bytes)
         self._seq = 0
+        # (parity, dtype, shape) -> every rank's slot viewed as such a tensor: making the
+        # views costs more than the copy and the sum of a decode step's activations, and
+        # a step repeats one shape across all its layers.
+        self._views: dict[tuple[int, torch.dtype, torch.Size], list[torch.Tensor]] = {}
 
     @classmethod
     def create(cls, rank: int, world_size: int, timeout_s: float) -> "SharedMemoryAllReduce":
@@ -75,10 +79,7 @@ class SharedMemoryAllReduce:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over the ranks, in place (the same bits on every rank)."""
         self._seq += 1
-        parity = self._seq & 1
-        nbytes = x.numel() * x.element_size()
-        slots = [self._slots[parity, r, :nbytes].view(x.dtype).view(x.shape)
-                 for r in range(self.world_size)]
+        slots = self._slot_views(self._seq & 1, x)
         slots[self.rank].copy_(x)
         self._flags[self.rank * _FLAG_STRIDE] = self._seq   # after the data: x86 keeps the order
         self._wait_for_all()
@@ -86,6 +87,18 @@ class SharedMemoryAllReduce:
         for slot in slots[1:]:
             x.add_(slot)
         return x
+
+    def _slot_views(self, parity: int, x: torch.Tensor) -> list[torch.Tensor]:
+        key = (parity, x.dtype, x.shape)
+        views = self._views.get(key)
+        if views is None:
+            if len(self._views) > 256:   # prefill chunks vary in length: keep it bounded
+                self._views.clear()
+            nbytes = x.numel() * x.element_size()
+            views = [self._slots[parity, r, :nbytes].view(x.dtype).view(x.shape)
+                     for r in range(self.world_size)]
+            self._views[key] = views
+        return views
 
     def _wait_for_all(self) -> None:
         seq, flags = self._seq, self._flags
@@ -104,6 +117,7 @@ class SharedMemoryAllReduce:
                                            f"{self.timeout_s:.0f} s (HERON_WORKER_TIMEOUT_SECONDS)")
 
     def close(self) -> None:
+        self._views.clear()
         del self._flags, self._slots
         try:
             self._map.close()
