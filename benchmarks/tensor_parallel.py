@@ -5,11 +5,17 @@ communication between the ranks.
     .venv/bin/python benchmarks/tensor_parallel.py --tp 2             # two ranks, cores shared out
     .venv/bin/python benchmarks/tensor_parallel.py --tp 2 --gloo      # all-reduce over gloo only
 
-Runs the shared workload (../shared/anchors/workloads.py, offline-64 by default) on the
-embedded model and prints one JSON line: generated tokens/s, the mean decode step
-(every scheduled request computing one token), and for several ranks the seconds per
-decode step each rank spent in collectives (all-reduces and the logits gather, waiting
-for the slower rank included).
+Runs the shared workload (../shared/anchors/workloads.py, offline-64 by default) and
+prints one JSON line: generated tokens/s, the mean decode step (every scheduled request
+computing one token), and for several ranks the milliseconds per decode step each rank
+spent in collectives (all-reduces and the logits gather, waiting for the slower rank
+included).
+
+The model: SmolLM2-135M's 9 attention heads do not split over 2 ranks, so by default
+the benchmark builds (once, under HERON_CACHE_DIR) a random-weight model of SmolLM2's
+shape, tokenizer and size with 8 query heads and 2 KV heads of 64 (`--model DIR` runs
+another). Throughput does not depend on the weights' values: every request generates
+exactly its max_tokens (ignore_eos).
 """
 from __future__ import annotations
 
@@ -20,11 +26,39 @@ import sys
 import time
 
 
+def smollm2_shaped_model(heads: int, kv_heads: int) -> str:
+    """A random-weight SmolLM2-shaped folder with `heads` query heads of 64 (built once)."""
+    from pathlib import Path
+
+    from heron import envs
+    from heron.models.default_model import default_model_path
+
+    folder = envs.cache_dir() / "models" / f"smollm2-shape-h{heads}-kv{kv_heads}-random"
+    if (folder / "config.json").exists():
+        return str(folder)
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = Path(default_model_path())
+    config = AutoConfig.from_pretrained(source)
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = heads, kv_heads, 64
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder, safe_serialization=True)
+    for name in source.iterdir():
+        if name.name.startswith(("tokenizer", "special_tokens", "generation_config")):
+            shutil.copy(name, folder / name.name)
+    return str(folder)
+
+
 def main() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--model", default=None, help="HF folder (default: embedded SmolLM2)")
+    ap.add_argument("--model", default=None,
+                    help="HF folder (default: a random SmolLM2-shaped model with 8 heads)")
     ap.add_argument("--workload", default="offline-64")
     ap.add_argument("--anchors", default=os.path.join(here, "..", "..", "shared", "anchors"))
     ap.add_argument("--dtype", default="bfloat16")
@@ -39,7 +73,8 @@ def main() -> None:
     from heron import LLM, SamplingParams
 
     reqs = workloads.get(a.workload)
-    llm = LLM(a.model, dtype=a.dtype, max_model_len=2048, tensor_parallel_size=a.tp)
+    model = a.model or smollm2_shaped_model(heads=8, kv_heads=2)
+    llm = LLM(model, dtype=a.dtype, max_model_len=2048, tensor_parallel_size=a.tp)
     engine, executor = llm.llm_engine, llm.llm_engine.executor
     params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True)
               for r in reqs]
@@ -71,7 +106,8 @@ def main() -> None:
             if out.finished:
                 generated += len(out.outputs[0].token_ids)
     seconds = time.perf_counter() - start
-    result = {"tensor_parallel_size": a.tp, "workload": a.workload, "dtype": a.dtype,
+    result = {"tensor_parallel_size": a.tp, "model": os.path.basename(model.rstrip("/")),
+              "workload": a.workload, "dtype": a.dtype,
               "generated_tok_per_s": round(generated / seconds, 1),
               "decode_steps": len(decode_steps),
               "decode_step_ms": round(1e3 * sum(decode_steps) / len(decode_steps), 2)}

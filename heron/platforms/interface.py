@@ -25,8 +25,8 @@ if TYPE_CHECKING:  # heavy imports stay out of detection
     import torch
 
     from heron.config import EngineConfig
-    from heron.kernels.interface import AttentionBackend
     from heron.distributed import TensorParallelGroup
+    from heron.kernels.interface import AttentionBackend
     from heron.kernels.layer_ops import LayerOps
 
 

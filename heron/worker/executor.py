@@ -83,15 +83,14 @@ class UniProcExecutor(Executor):
         from heron.worker.worker import Worker  # torch stays out of detection paths
         self.worker = Worker(self.config, platform, model_path)
         self.runner = self.worker.runner
-        self._facts = self.worker.model_facts()
 
     @property
     def model_max_len(self) -> int:
-        return self._facts.model_max_len
+        return int(self.runner.model_max_len)
 
     @property
     def vocab_size(self) -> int:
-        return self._facts.vocab_size
+        return int(self.runner.vocab_size)
 
     def determine_num_blocks(self) -> int:
         return self.worker.determine_num_blocks()

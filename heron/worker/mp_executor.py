@@ -29,15 +29,13 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from heron import envs
 from heron.config import EngineConfig
-from heron.core.scheduler import ModelRunnerOutput, SchedulerOutput
-from heron.distributed import CollectiveStats
+from heron.core.scheduler import ModelRunnerOutput
 from heron.logger import get_logger
 from heron.platforms.interface import Platform, RankPlacement
-from heron.worker.executor import Executor, WorkerError
-from heron.worker.step_message import StepEncoder
-from heron.worker.worker import REMOTE_METHODS, ModelFacts, WorkerSpec
+from heron.worker.executor import WorkerError
+from heron.worker.remote_executor import RemoteRanksExecutor
+from heron.worker.worker import REMOTE_METHODS, WorkerSpec
 
 logger = get_logger(__name__)
 
@@ -47,10 +45,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def worker_timeout() -> float:
-    return float(envs.get("HERON_WORKER_TIMEOUT_SECONDS") or 300)
 
 
 @dataclass
@@ -69,15 +63,12 @@ class _Rank:
         return WorkerError(self.rank, f"process {self.process.pid} died ({how})")
 
 
-class MultiprocExecutor(Executor):
+class MultiprocExecutor(RemoteRanksExecutor):
     """`tensor_parallel_size` ranks, each in a process of its own on this host."""
 
     def __init__(self, config: EngineConfig, platform: Platform, model_path: str) -> None:
         super().__init__(config, platform, model_path)
         world = self.config.parallel.world_size
-        self._timeout = worker_timeout()
-        self._error: WorkerError | None = None
-        self._encoder = StepEncoder()
         context = multiprocessing.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{free_port()}"
         self._ranks: list[_Rank] = []
@@ -94,41 +85,16 @@ class MultiprocExecutor(Executor):
         # the processes go with it.
         self._finalizer = weakref.finalize(self, _kill, [r.process for r in self._ranks])
         facts = self._replies(timeout=None)     # each rank's "loaded" message
-        self._facts: ModelFacts = facts[0]
+        self._facts = facts[0]
         logger.info("%d worker processes ready (tensor parallel, %s)", world,
                     platform.distributed_backend)
-
-    @property
-    def model_max_len(self) -> int:
-        return self._facts.model_max_len
-
-    @property
-    def vocab_size(self) -> int:
-        return self._facts.vocab_size
-
-    def determine_num_blocks(self) -> int:
-        counts = self._call("determine_num_blocks")
-        if len(set(counts)) > 1:
-            logger.info("KV blocks per rank %s: using the smallest", counts)
-        return min(counts)
-
-    def initialize_cache(self, num_blocks: int) -> None:
-        self._call("initialize_cache", num_blocks)
-
-    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        return self._call("execute_step", self._encoder.encode(sched))[0]
-
-    def collective_stats(self) -> list[CollectiveStats]:
-        """Each rank's collectives so far, in rank order (diagnostics for benchmarks)."""
-        return self._call("collective_stats")
 
     def check_health(self) -> None:
         if self._error is None:
             for r in self._ranks:
                 if r.process.exitcode is not None:
                     self._fail(r.died())
-        if self._error is not None:
-            raise self._error
+        self._raise_if_failed()
 
     def shutdown(self) -> None:
         if self._error is None and all(r.process.is_alive() for r in self._ranks):
@@ -146,16 +112,25 @@ class MultiprocExecutor(Executor):
     # -- talking to the ranks ---------------------------------------------------------
 
     def _call(self, method: str, *args: Any, timeout: float | None = -1.0) -> list[Any]:
-        """Run `method(*args)` on every rank; their results in rank order."""
-        if self._error is not None:
-            raise self._error
-        payload = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
+        self._raise_if_failed()
+        self._send(pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL))
+        return self._replies(self._timeout if timeout == -1.0 else timeout)
+
+    def _run_step(self, payload: bytes, since: float) -> ModelRunnerOutput:
+        # The step's bytes go inside the call as they are (pickling bytes is a copy).
+        message = pickle.dumps(("execute_pickled_step", (payload,)),
+                               protocol=pickle.HIGHEST_PROTOCOL)
+        self._send(message)
+        self.transfer.record(len(message), since)
+        return self._replies(self._timeout)[0]
+
+    def _send(self, message: bytes) -> None:
+        """The same bytes to every rank's pipe."""
         for r in self._ranks:
             try:
-                r.conn.send_bytes(payload)
+                r.conn.send_bytes(message)
             except (BrokenPipeError, ConnectionError, OSError):
                 self._fail(r.died())
-        return self._replies(self._timeout if timeout == -1.0 else timeout)
 
     def _replies(self, timeout: float | None) -> list[Any]:
         """One reply from every rank, watching their processes meanwhile."""
@@ -187,15 +162,6 @@ class MultiprocExecutor(Executor):
                     self._fail(WorkerError(r.rank, value))
                 results[r.rank] = value
         return results
-
-    def _fail(self, error: WorkerError) -> None:
-        """Every rank goes; this and every later call raise `error`."""
-        if self._error is None:
-            logger.error("%s; stopping all %d worker processes", error, len(self._ranks))
-            self._error = error
-            self._encoder.forget()
-            self._finalizer()
-        raise self._error
 
 
 def _kill(processes: list[multiprocessing.process.BaseProcess]) -> None:

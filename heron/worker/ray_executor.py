@@ -33,7 +33,6 @@ removes them if it exits, and a finalizer kills them when the executor goes away
 from __future__ import annotations
 
 import os
-import pickle
 import threading
 import time
 import traceback
@@ -41,13 +40,12 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from heron.config import EngineConfig
-from heron.core.scheduler import ModelRunnerOutput, SchedulerOutput
-from heron.distributed import CollectiveStats
+from heron.core.scheduler import ModelRunnerOutput
 from heron.logger import get_logger
 from heron.platforms.interface import Platform, RankPlacement
-from heron.worker.executor import Executor, WorkerError
-from heron.worker.mp_executor import free_port, worker_timeout
-from heron.worker.step_message import StepEncoder
+from heron.worker.executor import WorkerError
+from heron.worker.mp_executor import free_port
+from heron.worker.remote_executor import RemoteRanksExecutor
 from heron.worker.worker import REMOTE_METHODS, ModelFacts, Worker, WorkerSpec
 
 if TYPE_CHECKING:  # Ray is optional: imported when an executor is built
@@ -129,9 +127,6 @@ class RankActor:
             logger.exception("rank %d: %s failed", self.worker.rank, method)
             raise
 
-    def step(self, payload: bytes) -> ModelRunnerOutput | None:
-        """One step, from the pickled `StepMessage` that every rank receives."""
-        return self.call("execute_step", pickle.loads(payload))
 
     def watch(self) -> None:
         """Never returns: its reference fails when the actor dies."""
@@ -146,7 +141,7 @@ def _see_node_gpus(node_gpus: list[str]) -> None:
             os.environ[var] = ",".join(node_gpus)
 
 
-class RayExecutor(Executor):
+class RayExecutor(RemoteRanksExecutor):
     """`tensor_parallel_size` ranks, each in a Ray actor, on the nodes of a Ray cluster."""
 
     def __init__(self, config: EngineConfig, platform: Platform, model_path: str) -> None:
@@ -154,9 +149,6 @@ class RayExecutor(Executor):
         self._ray = ray = _import_ray()
         self.connected_ray = _connect(ray)   # True: this executor called ray.init
         world = self.config.parallel.world_size
-        self._timeout = worker_timeout()
-        self._error: WorkerError | None = None
-        self._encoder = StepEncoder()
         self._actors: list[ActorHandle] = []
         self._pg = self._place(world)
         # Whatever happens to this object (error, garbage collection, interpreter exit),
@@ -165,43 +157,9 @@ class RayExecutor(Executor):
         self._actors.extend(self._start_actors(world))
         self._watches = [a.watch.options(concurrency_group=_WATCH_GROUP).remote()
                          for a in self._actors]
-        facts = self._build(world, model_path)
-        self._facts: ModelFacts = facts[0]
+        self._facts = self._build(world, model_path)[0]
         logger.info("%d Ray actors ready (tensor parallel, %s)", world,
                     platform.distributed_backend)
-
-    @property
-    def model_max_len(self) -> int:
-        return self._facts.model_max_len
-
-    @property
-    def vocab_size(self) -> int:
-        return self._facts.vocab_size
-
-    def determine_num_blocks(self) -> int:
-        counts = self._call("determine_num_blocks")
-        if len(set(counts)) > 1:
-            logger.info("KV blocks per rank %s: using the smallest", counts)
-        return min(counts)
-
-    def initialize_cache(self, num_blocks: int) -> None:
-        self._call("initialize_cache", num_blocks)
-
-    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        if self._error is not None:
-            raise self._error
-        # Pickled once; every rank gets the same bytes. A usual step (a few kilobytes)
-        # travels inside the calls themselves: 3-4 ms a step faster than the object store
-        # (measured: two ranks, one host). A large one (long new prompts) goes into the
-        # object store once, where Ray would otherwise copy it once per rank.
-        payload = pickle.dumps(self._encoder.encode(sched), protocol=pickle.HIGHEST_PROTOCOL)
-        step = payload if len(payload) <= _INLINE_STEP_BYTES else self._ray.put(payload)
-        refs = [a.step.remote(step) for a in self._actors]
-        return self._gather(refs, self._timeout)[0]
-
-    def collective_stats(self) -> list[CollectiveStats]:
-        """Each rank's collectives so far, in rank order (diagnostics for benchmarks)."""
-        return self._call("collective_stats")
 
     def check_health(self) -> None:
         if self._error is None and self._watches:
@@ -212,8 +170,7 @@ class RayExecutor(Executor):
                 rank = min(self._watches.index(ref) for ref in ended)
                 self._fail(self._outcome(rank, self._watches[rank])[1] or
                            WorkerError(rank, "Ray actor stopped"))
-        if self._error is not None:
-            raise self._error
+        self._raise_if_failed()
 
     def shutdown(self) -> None:
         if self._error is None:
@@ -292,11 +249,19 @@ class RayExecutor(Executor):
     # -- talking to the ranks ---------------------------------------------------------
 
     def _call(self, method: str, *args: Any, timeout: float | None = -1.0) -> list[Any]:
-        """Run `method(*args)` on every rank; their results in rank order."""
-        if self._error is not None:
-            raise self._error
+        self._raise_if_failed()
         refs = [a.call.remote(method, *args) for a in self._actors]
         return self._gather(refs, self._timeout if timeout == -1.0 else timeout)
+
+    def _run_step(self, payload: bytes, since: float) -> ModelRunnerOutput:
+        # A usual step (a few kilobytes) travels inside the calls themselves: 3-4 ms a
+        # step faster than the object store (measured: two ranks, one host). A large one
+        # (long new prompts) goes into the object store once, where Ray would otherwise
+        # copy it once per rank.
+        step = payload if len(payload) <= _INLINE_STEP_BYTES else self._ray.put(payload)
+        refs = [a.call.remote("execute_pickled_step", step) for a in self._actors]
+        self.transfer.record(len(payload), since)
+        return self._gather(refs, self._timeout)[0]
 
     def _gather(self, refs: list[Any], timeout: float | None) -> list[Any]:
         """The values of `refs` (one per rank, in rank order), failing the executor on the
@@ -346,15 +311,6 @@ class RayExecutor(Executor):
             if isinstance(error, _ActorDied):
                 return error
         return first
-
-    def _fail(self, error: WorkerError) -> None:
-        """Every rank goes; this and every later call raise `error`."""
-        if self._error is None:
-            logger.error("%s; stopping all %d Ray actors", error, len(self._actors))
-            self._error = error
-            self._encoder.forget()
-            self._finalizer()
-        raise self._error
 
 
 class _ActorDied(WorkerError):

@@ -8,6 +8,7 @@ that sizes this rank's share of the KV cache.
 """
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +43,7 @@ class WorkerSpec:
 
 # What an executor may ask of a worker in another process, by name.
 REMOTE_METHODS = frozenset({"model_facts", "determine_num_blocks", "initialize_cache",
-                            "execute_step", "collective_stats", "shutdown"})
+                            "execute_pickled_step", "collective_stats", "shutdown"})
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,10 @@ class Worker:
     def execute_step(self, message: StepMessage) -> ModelRunnerOutput | None:
         """`execute_model` for a step sent from the engine's process."""
         return self.execute_model(self._mirrors.decode(message))
+
+    def execute_pickled_step(self, payload: bytes) -> ModelRunnerOutput | None:
+        """`execute_step` for a pickled `StepMessage` (the same bytes go to every rank)."""
+        return self.execute_step(pickle.loads(payload))
 
     def collective_stats(self) -> CollectiveStats:
         """Collectives this rank ran so far and the time they took (diagnostics)."""
