@@ -9,7 +9,8 @@ Runs the shared workload (../shared/anchors/workloads.py, offline-64 by default)
 prints one JSON line: generated tokens/s, the mean decode step (every scheduled request
 computing one token), and for several ranks the milliseconds per decode step each rank
 spent in collectives (all-reduces and the logits gather, waiting for the slower rank
-included).
+included), and the size of a decode step's message to the ranks and the time to encode,
+pickle and write it.
 
 The model: SmolLM2-135M's 9 attention heads do not split over 2 ranks, so by default
 the benchmark builds (once, under HERON_CACHE_DIR) a random-weight model of SmolLM2's
@@ -20,6 +21,7 @@ exactly its max_tokens (ignore_eos).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -82,14 +84,15 @@ def main() -> None:
     engine.scheduler.kv.reset_prefix_cache()
 
     decode_steps: list[float] = []
-    comm_at_first_decode = None
+    comm_at_first_decode = sent_at_first_decode = None
     run_step = executor.execute_model
 
     def timed_step(sched):   # the executor's step, timed where every request decodes
-        nonlocal comm_at_first_decode
+        nonlocal comm_at_first_decode, sent_at_first_decode
         decoding = all(item.num_new_tokens == 1 for item in sched.scheduled)
         if decoding and comm_at_first_decode is None and a.tp > 1:
             comm_at_first_decode = executor.collective_stats()
+            sent_at_first_decode = dataclasses.replace(executor.transfer)
         start = time.perf_counter()
         output = run_step(sched)
         if decoding:
@@ -116,7 +119,12 @@ def main() -> None:
         per_rank = [(e.seconds - s.seconds) / len(decode_steps) * 1e3
                     for s, e in zip(comm_at_first_decode, end)]
         calls = (end[0].calls - comm_at_first_decode[0].calls) / len(decode_steps)
-        result |= {"comm_ms_per_decode_step_by_rank": [round(x, 2) for x in per_rank],
+        sent = executor.transfer
+        steps = sent.steps - sent_at_first_decode.steps
+        result |= {"step_message_bytes": round((sent.bytes - sent_at_first_decode.bytes) / steps),
+                   "step_message_send_us": round(
+                       (sent.seconds - sent_at_first_decode.seconds) / steps * 1e6, 1),
+                   "comm_ms_per_decode_step_by_rank": [round(x, 2) for x in per_rank],
                    "collectives_per_decode_step": round(calls, 1),
                    "shared_memory_all_reduce": not a.gloo}
     print(json.dumps(result))
