@@ -17,6 +17,7 @@ import pytest
 
 from heron import LLM, SamplingParams
 from heron.config import EngineConfig
+from heron.platforms.cpu.platform import CpuPlatform
 from heron.worker.executor import WorkerError
 from heron.worker.mp_executor import MultiprocExecutor
 from server_utils import RemoteServer
@@ -195,3 +196,44 @@ def test_server_with_a_dead_rank_reports_it_and_goes_unhealthy(tiny_llama: str) 
     while any(_alive(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_alive(p) for p in workers), "a worker process outlived the server"
+
+
+class _FailingRunner:
+    """Wraps heron's runner; raises on rank 1 at its third step (imported by the ranks:
+    spawn hands them this test's sys.path)."""
+
+    def __init__(self, runner, rank: int) -> None:
+        self._runner, self._rank, self._steps = runner, rank, 0
+
+    def __getattr__(self, name):
+        return getattr(self._runner, name)
+
+    def execute_model(self, sched):
+        self._steps += 1
+        if self._rank == 1 and self._steps == 3:
+            raise RuntimeError("injected failure on this rank")
+        return self._runner.execute_model(sched)
+
+
+class FailingCpu(CpuPlatform):
+    """The cpu platform with a runner that fails on rank 1 (module level: the ranks
+    unpickle it by name)."""
+
+    def make_model_runner(self, config, model_path, group):
+        from heron.worker.model_runner import ModelRunner
+        return _FailingRunner(ModelRunner(config, self, model_path, group), group.rank)
+
+
+def test_an_exception_on_one_rank_fails_the_step_with_its_message(tiny_llama, monkeypatch):
+    import heron.platforms.registry as registry
+    monkeypatch.setattr(registry, "resolve_platform", lambda device="auto", pm=None: FailingCpu())
+    llm = LLM(tiny_llama, dtype="float32", tensor_parallel_size=2)
+    processes = [r.process for r in llm.llm_engine.executor._ranks]
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match="worker rank 1: RuntimeError: injected failure"):
+        generate(llm, [[5, 9, 17]])
+    assert time.monotonic() - start < 30   # rank 0, waiting in an all-reduce, was not waited for
+    with pytest.raises(WorkerError, match="rank 1"):
+        llm.llm_engine.check_health()
+    llm.shutdown()
+    assert all(p.exitcode is not None for p in processes)
