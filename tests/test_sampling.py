@@ -134,6 +134,12 @@ def test_penalties_change_output(llm):
     dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-5), dict(min_p=2.0),
     dict(n=0), dict(max_tokens=0), dict(min_tokens=5, max_tokens=2), dict(presence_penalty=3.0),
     dict(repetition_penalty=0.0), dict(logprobs=-1), dict(stop=[""]), dict(stop_token_ids=[-1]),
+    # absurd values a client can send, refused before they reach a step
+    dict(temperature=float("inf")), dict(temperature=1e308), dict(temperature=float("nan")),
+    dict(repetition_penalty=float("inf")), dict(top_k=2**64), dict(seed=2**70),
+    dict(seed=-2**64), dict(n=10**6), dict(logprobs=10**6), dict(prompt_logprobs=21),
+    dict(stop=["x"] * 5000), dict(stop=["x" * 5000]), dict(stop_token_ids=[2**40]),
+    dict(stop_token_ids=list(range(5000))),
 ])
 def test_invalid_values_raise_value_error_naming_the_field(kwargs):
     field = next(iter(kwargs))
@@ -148,3 +154,13 @@ def test_defaults_match_vllm():
     assert p.skip_special_tokens and not p.ignore_eos and p.stop == [] and p.seed is None
     with pytest.raises(TypeError):
         SamplingParams(best_off=2)
+
+
+def test_limits_themselves_are_accepted():
+    from heron.core import sampling_params as sp
+    SamplingParams(n=sp.MAX_N, temperature=sp.MAX_TEMPERATURE, top_k=sp.MAX_TOP_K,
+                   logprobs=sp.MAX_LOGPROBS, stop=["x" * sp.MAX_STOP_LENGTH] * sp.MAX_STOP_STRINGS)
+    SamplingParams(seed=2**64 - 1)
+    SamplingParams(seed=2**64 - 4, n=4)   # completion i uses seed + i: all fit 64 bits
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=2**64 - 3, n=4)

@@ -2,6 +2,7 @@
 and a server that keeps serving everyone else."""
 from __future__ import annotations
 
+import json
 import threading
 
 import httpx
@@ -82,9 +83,23 @@ def test_unknown_model_is_404(server, http):
     ({"best_of": 3}, ["best_of"]),
     ({"stream_options": {"include_usage": True}}, ["stream_options"]),
     ({"suffix": "x"}, ["suffix"]),
+    ({"seed": 2**70}, ["seed"]),
+    ({"temperature": float("inf")}, ["temperature", "finite"]),
+    ({"temperature": 1e308}, ["temperature"]),
+    ({"top_k": 2**64}, ["top_k"]),
+    ({"stop": ["w1"] * 5000}, ["stop strings"]),
+    ({"stop_token_ids": [100000]}, ["stop_token_ids", "100000"]),
+    ({"prompt": "w1 \ud800 w2"}, ["not valid Unicode"]),
 ])
 def test_bad_completion_is_400(http, fields, words):
-    check_error(http.post("/v1/completions", json=completion(**fields)), 400, *words)
+    check_error(post_json(http, "/v1/completions", completion(**fields)), 400, *words)
+
+
+def post_json(http: httpx.Client, path: str, body: dict) -> httpx.Response:
+    """POST `body` as Python's json module writes it: Infinity and lone surrogates (as
+    \\u escapes) included, which httpx's own encoder refuses to send."""
+    return http.post(path, content=json.dumps(body),
+                     headers={"Content-Type": "application/json"})
 
 
 @pytest.mark.parametrize("fields, words", [
@@ -107,6 +122,24 @@ def test_malformed_bodies(http):
     check_error(http.post("/v1/completions", json={"model": "tiny"}), 400, "prompt")
     check_error(http.get("/v1/completions"), 405)
     check_error(http.get("/v1/nothing-here"), 404)
+
+
+def test_deeply_nested_body_is_400(http):
+    depth = 20000
+    body = b'{"model": "tiny", "prompt": ' + b"[" * depth + b"]" * depth + b"}"
+    check_error(http.post("/v1/completions", content=body), 400, "nested too deeply")
+
+
+def test_hostile_values_leave_the_engine_serving_the_same_answers(http):
+    """A seed past 64 bits once killed the engine for everyone: now it is refused at the
+    door, and a greedy request afterwards gets the same text as before."""
+    greedy = completion(prompt="w5 w6 w7", max_tokens=8, temperature=0)
+    before = http.post("/v1/completions", json=greedy).json()["choices"][0]["text"]
+    for fields in ({"seed": 2**70}, {"seed": 2**70, "n": 2, "temperature": 1.0},
+                   {"logprobs": 10**6}, {"prompt": "\udfff"}):
+        assert post_json(http, "/v1/completions", completion(**fields)).status_code == 400
+    assert http.get("/health").status_code == 200
+    assert http.post("/v1/completions", json=greedy).json()["choices"][0]["text"] == before
 
 
 def test_body_size_limit_is_413(http):

@@ -18,7 +18,7 @@ from heron.core.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from heron.core.request import Request, RequestStatus
 from heron.core.sampling_params import SamplingParams
 from heron.core.scheduler import Scheduler
-from heron.core.tokenizer import load_tokenizer, resolve_eos_token_ids
+from heron.core.tokenizer import check_unicode, load_tokenizer, resolve_eos_token_ids
 from heron.logger import get_logger
 from heron.worker.executor import executor_class
 
@@ -132,6 +132,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, token_ids = self._tokenize(prompt)
         self._validate_prompt(token_ids)
+        self._validate_params(params)
         params = params.clone(eos_token_ids=set(self.eos_token_ids))
         max_tokens = self.max_model_len - len(token_ids)
         if params.max_tokens is not None:
@@ -166,6 +167,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("the prompt is empty: give at least one character or token")
+            check_unicode(prompt)
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
             return None, list(prompt)
@@ -183,6 +185,13 @@ class LLMEngine:
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+
+    def _validate_params(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: token ids against this model."""
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"stop_token_ids: {bad[0]} is outside the vocabulary "
+                             f"(0..{self.vocab_size - 1})")
 
     def abort_request(self, request_ids: str | Sequence[str]) -> None:
         """Stop requests and free their KV blocks; unknown ids are ignored."""

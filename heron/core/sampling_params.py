@@ -1,9 +1,18 @@
 """SamplingParams: vLLM's names and defaults, validated on construction."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
+
+# Limits on one request (refused with a ValueError past them; the server answers 400).
+MAX_N = 128                   # completions per request (OpenAI's limit)
+MAX_TEMPERATURE = 100.0       # logits / 100 is already close to uniform
+MAX_TOP_K = 2**31 - 1         # larger values mean "no top-k" in effect: refused as typos
+MAX_LOGPROBS = 20             # vLLM's default max_logprobs
+MAX_STOP_STRINGS = 256        # stop strings, and stop_token_ids, per request
+MAX_STOP_LENGTH = 1024        # characters in one stop string
 
 
 @dataclass
@@ -50,8 +59,15 @@ class SamplingParams:
         def fail(message: str) -> None:
             raise ValueError(f"invalid SamplingParams: {message}")
 
-        if not isinstance(self.n, int) or self.n < 1:
-            fail(f"n must be an integer >= 1, got {self.n!r}")
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty",
+                     "temperature", "top_p", "min_p"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                fail(f"{name} must be a finite number, got {value!r}")
+        if not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
+            fail(f"n must be an integer from 1 to {MAX_N}, got {self.n!r}")
+        if self.temperature > MAX_TEMPERATURE:
+            fail(f"temperature must be at most {MAX_TEMPERATURE:g}, got {self.temperature}")
         if not -2.0 <= self.presence_penalty <= 2.0:
             fail(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not -2.0 <= self.frequency_penalty <= 2.0:
@@ -62,8 +78,9 @@ class SamplingParams:
             fail(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             fail(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            fail(f"top_k must be 0 or -1 (disabled) or a positive integer, got {self.top_k!r}")
+        if not isinstance(self.top_k, int) or not 0 <= self.top_k <= MAX_TOP_K:
+            fail(f"top_k must be 0 or -1 (disabled) or a positive integer up to {MAX_TOP_K}, "
+                 f"got {self.top_k!r}")
         if not 0.0 <= self.min_p <= 1.0:
             fail(f"min_p must be in [0, 1], got {self.min_p}")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
@@ -75,14 +92,21 @@ class SamplingParams:
             fail(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 0):
-                fail(f"{name} must be None or an integer >= 0, got {value!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            fail(f"seed must be an integer, got {self.seed!r}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            fail(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            fail(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+            if value is not None and (not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
+                fail(f"{name} must be None or an integer from 0 to {MAX_LOGPROBS}, got {value!r}")
+        if self.seed is not None:
+            # torch seeds generators with 64 bits; with n > 1, completion i uses seed + i.
+            if not isinstance(self.seed, int) or not -2**63 <= self.seed <= 2**64 - self.n:
+                fail(f"seed must be an integer from -2**63 to 2**64 - n, got {self.seed!r}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            fail(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        if any(not isinstance(s, str) or not s or len(s) > MAX_STOP_LENGTH for s in self.stop):
+            fail(f"stop must be a non-empty string of at most {MAX_STOP_LENGTH} characters, "
+                 f"or a list of them")
+        if len(self.stop_token_ids) > MAX_STOP_STRINGS:
+            fail(f"at most {MAX_STOP_STRINGS} stop_token_ids, got {len(self.stop_token_ids)}")
+        if any(not isinstance(t, int) or not 0 <= t < 2**31 for t in self.stop_token_ids):
+            fail("stop_token_ids must be token ids (non-negative integers of the vocabulary)")
 
     @property
     def greedy(self) -> bool:

@@ -29,3 +29,13 @@ def resolve_eos_token_ids(model_path: str, tokenizer: Any) -> list[int]:
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return sorted(set(ids))
+
+
+def check_unicode(text: str, what: str = "the prompt") -> None:
+    """Refuse text that is not valid Unicode: a lone surrogate such as "\\ud800" decodes
+    from JSON, but cannot be encoded, and the tokenizer fails on it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode text: {e.reason} at character "
+                         f"{e.start}") from None

@@ -107,6 +107,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, e: HTTPException) -> Response:
         return error_response(e.status_code, str(e.detail))
 
+    @app.exception_handler(RecursionError)
+    async def nested_too_deeply(_: Request, e: RecursionError) -> Response:
+        # json.loads of a body like [[[[...]]]] runs out of stack before any model sees it.
+        return error_response(400, "the request body is nested too deeply to parse")
+
     @app.exception_handler(Exception)
     async def internal_error(_: Request, e: Exception) -> Response:
         logger.exception("unhandled error")

@@ -12,6 +12,7 @@ from starlette.responses import Response
 from heron.core.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
 from heron.core.outputs import RequestOutput
 from heron.core.sampling_params import SamplingParams
+from heron.core.tokenizer import check_unicode
 from heron.entrypoints.openai.errors import OpenAIError, bad_request
 from heron.entrypoints.openai.metrics import ServerMetrics
 from heron.entrypoints.openai.streaming import (ClientDisconnected, final_outputs,
@@ -71,6 +72,10 @@ class ServerState:
                 "max_tokens.", "max_tokens")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            check_unicode(text)
+        except ValueError as e:
+            raise bad_request(str(e), "prompt") from None
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def render_chat(self, messages: list[dict[str, Any]], template: str | None,
