@@ -42,7 +42,7 @@ def test_models_health_version(server):
     client = server.openai()
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert httpx.get(server.url + "/health").status_code == 200
-    assert httpx.get(server.url + "/version").json()["version"]
+    assert httpx.get(server.url + "/version", headers=server.headers()).json()["version"]
 
 
 def test_completions_sync_equal_offline(server, llm):
@@ -185,10 +185,12 @@ def test_chat_sync_async_stream_equal_offline(server, llm):
 
 
 def test_tokenize_detokenize(server, llm):
-    tokens = httpx.post(server.url + "/tokenize", json={"prompt": "w5 w6"}).json()
+    tokens = httpx.post(server.url + "/tokenize", json={"prompt": "w5 w6"},
+                        headers=server.headers()).json()
     assert tokens["tokens"] == llm.get_tokenizer().encode("w5 w6")
     assert tokens["count"] == len(tokens["tokens"]) and tokens["max_model_len"] == 512
-    back = httpx.post(server.url + "/detokenize", json={"tokens": tokens["tokens"]}).json()
+    back = httpx.post(server.url + "/detokenize", json={"tokens": tokens["tokens"]},
+                      headers=server.headers()).json()
     assert back["prompt"] == "w5 w6"
 
 

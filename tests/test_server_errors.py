@@ -49,8 +49,12 @@ def test_api_key(server, http):
     wrong = {"Authorization": "Bearer nope"}
     check_error(plain.post("/v1/chat/completions", headers=wrong, json={}), 401, "incorrect")
     check_error(plain.get("/v1/models", headers=wrong), 401)
+    check_error(plain.post("/tokenize", json={"model": "tiny", "prompt": "w1"}), 401)
+    check_error(plain.post("/detokenize", json={"model": "tiny", "tokens": [5]}), 401)
+    check_error(plain.get("/version"), 401)
     assert plain.get("/health").status_code == 200       # probes need no key
     assert plain.get("/metrics").status_code == 200
+    assert http.get("/version").status_code == 200
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url + "/v1", api_key="bad", max_retries=0).models.list()
     assert http.post("/v1/completions", json=completion()).status_code == 200
@@ -172,3 +176,16 @@ def test_errors_do_not_disturb_other_requests(server, http):
     thread.join(60)
     assert len(result["text"].split()) == 60
     assert http.get("/health").status_code == 200
+
+
+def test_cors_preflight_is_answered_without_the_key(server):
+    """vLLM's defaults (--allowed-origins '["*"]'): a browser may call the API."""
+    preflight = httpx.options(server.url + "/v1/completions", timeout=30, headers={
+        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert preflight.status_code == 200, preflight.text
+    assert preflight.headers["access-control-allow-origin"] == "*"
+    refused = httpx.get(server.url + "/v1/models", timeout=30,
+                        headers={"Origin": "http://localhost:3000"})
+    assert refused.status_code == 401   # CORS opens the door to browsers, not the key
+    assert refused.headers["access-control-allow-origin"] == "*"

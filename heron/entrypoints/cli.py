@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from heron import envs
@@ -105,6 +106,14 @@ def _add_serve_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--max-request-body-bytes", type=int, default=4 * 1024 * 1024,
                        help="larger request bodies get 413 (default 4 MiB)")
     _add_parallel_args(serve)
+    serve.add_argument("--allowed-origins", type=json.loads, default=["*"],
+                       help='CORS origins, a JSON list (default ["*"])')
+    serve.add_argument("--allowed-credentials", action="store_true",
+                       help="CORS: allow credentials")
+    serve.add_argument("--allowed-methods", type=json.loads, default=["*"],
+                       help='CORS methods, a JSON list (default ["*"])')
+    serve.add_argument("--allowed-headers", type=json.loads, default=["*"],
+                       help='CORS headers, a JSON list (default ["*"])')
     serve.add_argument("--uvicorn-log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug", "trace"])
     serve.add_argument("--disable-uvicorn-access-log", action="store_true")

@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import secrets
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -42,8 +44,13 @@ class _BodyTooLarge(OpenAIError):
                          "(--max-request-body-bytes)", code="request_too_large")
 
 
+# Routes that answer without the API key: probes of load balancers and scrapers.
+OPEN_PATHS = frozenset({"/health", "/metrics"})
+
+
 class GuardMiddleware:
-    """API-key check on /v1/* and a cap on the request body (pure ASGI: no buffering)."""
+    """API-key check on every route but the probes (`OPEN_PATHS`), and a cap on the
+    request body (pure ASGI: no buffering)."""
 
     def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
         self.app = app
@@ -54,7 +61,7 @@ class GuardMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
+        if self.api_key and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
             given = headers.get("authorization", "")
             token = given[7:] if given[:7].lower() == "bearer " else ""
             if not secrets.compare_digest(token.encode(), self.api_key.encode()):
@@ -81,7 +88,17 @@ class GuardMiddleware:
         await self.app(scope, counting_receive, send)
 
 
-def build_app(state: ServerState, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+@dataclass(frozen=True)
+class CorsSettings:
+    """Cross-origin requests, with vLLM's flags and defaults (`--allowed-origins` ...)."""
+    allowed_origins: tuple[str, ...] = ("*",)
+    allowed_credentials: bool = False
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+
+
+def build_app(state: ServerState, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+              cors: CorsSettings = CorsSettings()) -> FastAPI:
     """The FastAPI app serving `state`; shutting the app down shuts the engine down."""
 
     @contextlib.asynccontextmanager
@@ -93,6 +110,11 @@ def build_app(state: ServerState, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) 
                   lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.heron = state
     app.add_middleware(GuardMiddleware, api_key=state.api_key, max_body_bytes=max_body_bytes)
+    # Added last, so it runs first: a browser's preflight gets its CORS answer.
+    app.add_middleware(CORSMiddleware, allow_origins=list(cors.allowed_origins),
+                       allow_credentials=cors.allowed_credentials,
+                       allow_methods=list(cors.allowed_methods),
+                       allow_headers=list(cors.allowed_headers))
     _add_error_handlers(app)
     _add_routes(app, state)
     return app
@@ -207,7 +229,9 @@ def run_server(args: argparse.Namespace) -> int:
     logger.info("serving %s as %s: platform %s, %d KV blocks, max_model_len %d, on http://%s:%d",
                 core.model_path, ", ".join(state.served_model_names), core.platform.name,
                 core.num_blocks, state.max_model_len, args.host, args.port)
-    app = build_app(state, args.max_request_body_bytes)
+    cors = CorsSettings(tuple(args.allowed_origins), args.allowed_credentials,
+                        tuple(args.allowed_methods), tuple(args.allowed_headers))
+    app = build_app(state, args.max_request_body_bytes, cors)
     config = uvicorn.Config(app, host=args.host, port=args.port,
                             log_level=args.uvicorn_log_level,
                             access_log=not args.disable_uvicorn_access_log,
