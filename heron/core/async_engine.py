@@ -34,6 +34,10 @@ class EngineDeadError(RuntimeError):
     """The engine loop has stopped (an error in `step()`, or shutdown)."""
 
 
+class EngineOverloadedError(RuntimeError):
+    """Too many requests wait for a place in the batch; try again later (a server's 503)."""
+
+
 @dataclass(frozen=True)
 class EngineStats:
     """A snapshot of the engine's load, taken by the engine thread after each step."""
@@ -120,12 +124,18 @@ class AsyncLLMEngine:
     """
 
     def __init__(self, engine: LLMEngine | Callable[[], LLMEngine],
-                 stat_logger: StatLogger | None = None) -> None:
+                 stat_logger: StatLogger | None = None,
+                 max_waiting_requests: int | None = None) -> None:
         """`engine` is an engine or a function that builds one; a function is called on the
         engine thread, so that loading, profiling and every step run on one thread (device
         runtimes keep per-thread state: libgomp, for one, slows both threads' parallel
         regions once two threads use it, here by 40% per decode step)."""
         self.stat_logger = stat_logger
+        # Requests accepted but not yet running are held in memory: past this many, new
+        # ones are refused (EngineOverloadedError) instead of growing the queue without end.
+        if max_waiting_requests is not None and max_waiting_requests < 1:
+            raise ValueError(f"max_waiting_requests must be at least 1, got {max_waiting_requests}")
+        self.max_waiting_requests = max_waiting_requests
         self.stats = EngineStats()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, RequestStream] = {}   # touched on the event loop only
@@ -143,9 +153,9 @@ class AsyncLLMEngine:
         self.engine: LLMEngine = built.result()   # re-raises what building raised
 
     @classmethod
-    def from_config(cls, config: EngineConfig,
-                    stat_logger: StatLogger | None = None) -> "AsyncLLMEngine":
-        return cls(lambda: LLMEngine(config), stat_logger)
+    def from_config(cls, config: EngineConfig, stat_logger: StatLogger | None = None,
+                    max_waiting_requests: int | None = None) -> "AsyncLLMEngine":
+        return cls(lambda: LLMEngine(config), stat_logger, max_waiting_requests)
 
     # -- the event-loop side ---------------------------------------------------------
 
@@ -179,6 +189,7 @@ class AsyncLLMEngine:
             self._loop = loop
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
+        self._check_room()
         stream = RequestStream(request_id, self)
         command = _Add(request_id, prompt, params,
                        arrival_time if arrival_time is not None else time.monotonic(),
@@ -198,6 +209,14 @@ class AsyncLLMEngine:
             self._streams.pop(request_id, None)
             raise
         return stream
+
+    def _check_room(self) -> None:
+        """Refuse a request when `max_waiting_requests` already wait: open requests less
+        those in the running batch (as of the engine's last step)."""
+        limit = self.max_waiting_requests
+        if limit is not None and len(self._streams) - self.stats.num_running >= limit:
+            raise EngineOverloadedError(
+                f"{limit} requests are already waiting for a place in the batch; retry later")
 
     async def generate(self, prompt: PromptType, params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:

@@ -94,6 +94,9 @@ def _add_serve_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--max-model-len", type=int, default=None)
     serve.add_argument("--max-num-seqs", type=int, default=256)
     serve.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    serve.add_argument("--max-waiting-requests", type=int, default=1024,
+                       help="requests that may wait for a place in the batch; past them the "
+                            "server answers 503 with Retry-After (default 1024)")
     serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                        default=True)
     serve.add_argument("--block-size", type=int, default=None,

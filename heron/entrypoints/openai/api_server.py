@@ -209,7 +209,8 @@ def build_state(args: argparse.Namespace) -> ServerState:
         **parallel_kwargs(args))
     chat_template = load_chat_template(args.chat_template)
     names = args.served_model_name or [model or DEFAULT_MODEL_NAME]
-    engine = AsyncLLMEngine.from_config(config)
+    engine = AsyncLLMEngine.from_config(
+        config, max_waiting_requests=getattr(args, "max_waiting_requests", None))
     core = engine.engine
     metrics = ServerMetrics(names[0], core.max_model_len, lambda: engine.stats)
     engine.stat_logger = metrics

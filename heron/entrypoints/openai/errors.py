@@ -22,12 +22,13 @@ class OpenAIError(Exception):
     """An error the server answers with `status` and OpenAI's error body."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers   # e.g. Retry-After on a 503
 
 
 def bad_request(message: str, param: str | None = None) -> OpenAIError:
@@ -44,9 +45,10 @@ def error_body(status: int, message: str, param: str | None = None,
 
 
 def error_response(status: int, message: str, param: str | None = None,
-                   code: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status)
+                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status,
+                        headers=headers)
 
 
 def from_exception(error: OpenAIError) -> JSONResponse:
-    return error_response(error.status, error.message, error.param, error.code)
+    return error_response(error.status, error.message, error.param, error.code, error.headers)

@@ -9,7 +9,8 @@ from typing import Any
 
 from starlette.responses import Response
 
-from heron.core.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
+from heron.core.async_engine import (AsyncLLMEngine, EngineDeadError, EngineOverloadedError,
+                                     RequestStream)
 from heron.core.outputs import RequestOutput
 from heron.core.sampling_params import SamplingParams
 from heron.core.tokenizer import check_unicode
@@ -110,6 +111,10 @@ def load_chat_template(value: str | None) -> str | None:
     raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template")
 
 
+# What a 503 for a full waiting queue tells clients to wait before trying again.
+RETRY_AFTER_SECONDS = 1
+
+
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -129,6 +134,9 @@ async def submit(state: ServerState, request_id: str, prompts: list[EnginePrompt
             raise bad_request(str(e)) from e
         if isinstance(e, EngineDeadError):
             raise OpenAIError(500, str(e)) from e
+        if isinstance(e, EngineOverloadedError):
+            raise OpenAIError(503, str(e), code="overloaded",
+                              headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from e
         raise
     return streams
 
