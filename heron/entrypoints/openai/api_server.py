@@ -10,9 +10,10 @@ import argparse
 import contextlib
 import secrets
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -109,6 +110,7 @@ def build_app(state: ServerState, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     app = FastAPI(title="heron OpenAI-compatible server", version=heron.__version__,
                   lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.heron = state
+    app.openapi = _openapi_with_request_bodies(app, state.served_model_names)  # type: ignore[method-assign]
     app.add_middleware(GuardMiddleware, api_key=state.api_key, max_body_bytes=max_body_bytes)
     # Added last, so it runs first: a browser's preflight gets its CORS answer.
     app.add_middleware(CORSMiddleware, allow_origins=list(cors.allowed_origins),
@@ -118,6 +120,31 @@ def build_app(state: ServerState, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     _add_error_handlers(app)
     _add_routes(app, state)
     return app
+
+
+# The bodies the POST routes parse themselves (for their own 400 messages), described in
+# /openapi.json as what they are, so that clients and API fuzzers see the real fields.
+_REQUEST_BODIES = {"/v1/completions": CompletionRequest,
+                   "/v1/chat/completions": ChatCompletionRequest,
+                   "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
+
+
+def _openapi_with_request_bodies(app: FastAPI,
+                                 served: list[str]) -> Callable[[], dict[str, Any]]:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for path, model in _REQUEST_BODIES.items():
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                if "model" in body.get("properties", {}):   # the names this server answers to
+                    body["properties"]["model"] = {"type": "string", "enum": list(served)}
+                schema["paths"][path]["post"]["requestBody"] = {
+                    "required": True, "content": {"application/json": {"schema": body}}}
+            app.openapi_schema = schema
+        return app.openapi_schema
+    return openapi
 
 
 def _add_error_handlers(app: FastAPI) -> None:
