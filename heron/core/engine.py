@@ -182,16 +182,16 @@ class LLMEngine:
                 f"the prompt has {len(token_ids)} tokens, but max_model_len is "
                 f"{self.max_model_len} and at least one token must be generated: shorten the "
                 "prompt or raise max_model_len")
-        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        self._check_in_vocabulary(token_ids, "token id")
 
     def _validate_params(self, params: SamplingParams) -> None:
         """What SamplingParams cannot check alone: token ids against this model."""
-        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        self._check_in_vocabulary(params.stop_token_ids, "stop_token_ids:")
+
+    def _check_in_vocabulary(self, token_ids: Sequence[int], what: str) -> None:
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"stop_token_ids: {bad[0]} is outside the vocabulary "
-                             f"(0..{self.vocab_size - 1})")
+            raise ValueError(f"{what} {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
 
     def abort_request(self, request_ids: str | Sequence[str]) -> None:
         """Stop requests and free their KV blocks; unknown ids are ignored."""
