@@ -27,6 +27,9 @@ ENV_VARS: dict[str, EnvVar] = {
                "(unset: all, empty: none)"),
         EnvVar("HERON_CPU_KVCACHE_SPACE", "4", "GiB of memory for the KV cache on the cpu platform"),
         EnvVar("HERON_CPU_NUM_THREADS", None, "torch threads on the cpu platform (default: all cores)"),
+        EnvVar("HERON_BATCH_INVARIANT", "1", "0: the cpu platform runs its linear layers on "
+               "oneDNN/BLAS, faster on some CPUs, but then greedy output may depend on batching, "
+               "chunking, prefix-cache hits and preemption"),
         EnvVar("HERON_CPU_ATTENTION", "auto", "cpu attention backend: auto, native (C kernel) or reference"),
         EnvVar("HERON_OPENVINO_DEVICE", "CPU", "OpenVINO device the openvino platform compiles for"),
         EnvVar("HERON_OPENVINO_KVCACHE_SPACE", "4", "GiB of memory for the KV cache on the openvino platform"),

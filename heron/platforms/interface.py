@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:  # heavy imports stay out of detection
@@ -41,6 +42,20 @@ class Detection:
     reason: str
 
 
+class Invariance(str, Enum):
+    """A change of scheduling that must not change a greedy request's output.
+
+    A platform that declares one guarantees more than equal tokens: the request's
+    log-probabilities are the same bit for bit, so no near-tie can flip."""
+    PREFIX_CACHE = "prefix_cache"        # its prefix came from the cache or was computed
+    CHUNKED_PREFILL = "chunked_prefill"  # its prompt was computed in one step or in chunks
+    PREEMPTION = "preemption"            # it was preempted and recomputed
+    BATCH = "batch"                      # it ran alone or batched with other requests
+
+
+ALL_INVARIANCES = frozenset(Invariance)
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What a platform can do, declared once; the conformance suite checks it against behaviour.
@@ -52,12 +67,18 @@ class Capabilities:
     talk through `Platform.distributed_backend`); `validate()` refuses it when False.
     `block_sizes` are the KV block sizes the platform's attention takes (empty: any
     power of two); the smallest is the default when the user names none.
+    `invariances` are the scheduling changes under which greedy output stays bit for
+    bit the same, in each of the `invariant_dtypes` (in its default settings, one rank);
+    the conformance suite checks every one declared. Declaring none is honest for a
+    platform whose kernels' results depend on the batch shape.
     """
     dtypes: frozenset[str] = frozenset({"float32"})
     prefix_caching: bool = True
     chunked_prefill: bool = True
     tensor_parallel: bool = False
     block_sizes: frozenset[int] = frozenset()
+    invariances: frozenset[Invariance] = frozenset()
+    invariant_dtypes: frozenset[str] = frozenset()
 
     @property
     def default_block_size(self) -> int:

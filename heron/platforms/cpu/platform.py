@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 from typing import TYPE_CHECKING
 
 from heron import envs
-from heron.platforms.interface import (Capabilities, Detection, MemoryInfo, MemoryProfile,
-                                      Platform, RankPlacement)
+from heron.logger import get_logger
+from heron.platforms.interface import (ALL_INVARIANCES, Capabilities, Detection, MemoryInfo,
+                                      MemoryProfile, Platform, RankPlacement)
 from heron.platforms.probes import host_memory_info
 
 if TYPE_CHECKING:
@@ -17,15 +19,33 @@ if TYPE_CHECKING:
     from heron.kernels.layer_ops import LayerOps
 
 
+logger = get_logger(__name__)
+
+
+def batch_invariant_mode() -> bool:
+    """HERON_BATCH_INVARIANT (default on): whether linear layers run on heron's own kernel."""
+    return (envs.get("HERON_BATCH_INVARIANT") or "1").strip().lower() not in ("0", "false", "no")
+
+
 class CpuPlatform(Platform):
     """The host CPU: always available, lowest built-in priority."""
 
     name = "cpu"
     device_type = "cpu"
     priority = 0  # any accelerator that is present wins over the host CPU
-    capabilities = Capabilities(dtypes=frozenset({"float32", "bfloat16", "float16"}),
-                                prefix_caching=True, chunked_prefill=True, tensor_parallel=True)
     distributed_backend = "gloo"
+
+    @property  # type: ignore[override]
+    def capabilities(self) -> Capabilities:
+        """Invariant in float32 and bfloat16 while its C kernels run the linear layers and
+        the attention (the default; they need gcc). float16 runs on torch's kernels."""
+        invariant = (batch_invariant_mode() and shutil.which("gcc") is not None
+                     and envs.get("HERON_CPU_ATTENTION") != "reference")
+        return Capabilities(dtypes=frozenset({"float32", "bfloat16", "float16"}),
+                            prefix_caching=True, chunked_prefill=True, tensor_parallel=True,
+                            invariances=ALL_INVARIANCES if invariant else frozenset(),
+                            invariant_dtypes=frozenset({"float32", "bfloat16"}) if invariant
+                            else frozenset())
 
     def detect(self) -> Detection:
         return Detection(True, f"{os.cpu_count()} CPU cores")
@@ -51,10 +71,22 @@ class CpuPlatform(Platform):
         return int(space * 2**30)
 
     def prepare_model(self, model: "torch.nn.Module", dtype: "torch.dtype") -> "torch.nn.Module":
-        """bfloat16 weights are prepacked once for oneDNN (same results, faster matmuls)."""
-        from heron.kernels.cpu_linear import pack_linear_layers, packing_available
+        """Linear layers run on heron's batch-invariant kernel (float32, bfloat16); with
+        HERON_BATCH_INVARIANT=0, bfloat16 weights are prepacked for oneDNN instead."""
+        import torch
+
+        from heron.kernels.cpu_linear import (InvariantLinear, PackedLinear,
+                                              invariant_linear_available, load_gemm,
+                                              packing_available, replace_linear_layers)
+        if batch_invariant_mode():
+            if invariant_linear_available(dtype):
+                replace_linear_layers(model, InvariantLinear, dtype)
+                return model
+            if dtype in (torch.float32, torch.bfloat16):
+                logger.warning("the batch-invariant linear kernel is unavailable (%s): greedy "
+                               "output may depend on batching", load_gemm()[1])
         if packing_available(dtype):
-            pack_linear_layers(model)
+            replace_linear_layers(model, PackedLinear, dtype)
         return model
 
     def layer_ops(self, dtype: "torch.dtype") -> "LayerOps":
