@@ -31,3 +31,22 @@ def run_to_end(engine: Any) -> dict[str, Any]:
             if out.finished:
                 done[out.request_id] = out
     return done
+
+
+def greedy_with_logprobs(llm: Any, prompts: Sequence[list[int]],
+                         params: SamplingParams | Sequence[SamplingParams] = GREEDY
+                         ) -> list[tuple[list[int], list[float]]]:
+    """Per prompt: the generated token ids and each one's log-probability, exactly as
+    returned (the floats are compared bit for bit by the invariance tests)."""
+    def with_logprobs(p: SamplingParams) -> SamplingParams:
+        return p.clone(logprobs=0)
+    params = (with_logprobs(params) if isinstance(params, SamplingParams)
+              else [with_logprobs(p) for p in params])
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    result = []
+    for o in outputs:
+        completion = o.outputs[0]
+        chosen = [step[token].logprob for token, step in zip(completion.token_ids,
+                                                              completion.logprobs)]
+        result.append((list(completion.token_ids), chosen))
+    return result
