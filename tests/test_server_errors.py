@@ -189,3 +189,13 @@ def test_cors_preflight_is_answered_without_the_key(server):
                         headers={"Origin": "http://localhost:3000"})
     assert refused.status_code == 401   # CORS opens the door to browsers, not the key
     assert refused.headers["access-control-allow-origin"] == "*"
+
+
+def test_prompts_stay_out_of_the_log(server, http):
+    """At the default log level (INFO) the server logs no prompt, good or bad."""
+    secret = "w77 w78 w79"
+    assert http.post("/v1/completions", json=completion(prompt=secret)).status_code == 200
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": secret}], "max_tokens": 2}
+    assert http.post("/v1/chat/completions", json=chat).status_code == 200
+    check_error(http.post("/v1/completions", json=completion(prompt=secret, top_p=7)), 400)
+    assert secret not in server.output()

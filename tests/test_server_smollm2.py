@@ -3,7 +3,8 @@ greedy answers equal to the offline API, stop strings cut cleanly while streamin
 
 Both sides run the defaults (bfloat16, prefix caching on): the server's requests hit
 prefixes cached by earlier ones and the offline reference's do not, and the text
-must still be the same (the cpu platform's batch-invariant kernels)."""
+must still be the same: the cpu platform declares these invariances (any device runs
+heron.testing.conformance against what it declares)."""
 from __future__ import annotations
 
 import asyncio
@@ -17,7 +18,7 @@ from server_utils import RemoteServer
 pytestmark = pytest.mark.slow
 
 NAME = "SmolLM2-135M-Instruct"
-ENGINE_ARGS = ["--max-model-len", "2048"]
+ENGINE_ARGS = ["--max-model-len", "2048", "--device", "cpu"]
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a small robot"]
 QUESTION = [{"role": "user", "content": "What is the tallest mountain on Earth?"}]
 
@@ -25,7 +26,7 @@ QUESTION = [{"role": "user", "content": "What is the tallest mountain on Earth?"
 @pytest.fixture(scope="module")
 def expected(smollm2_path):
     """Offline answers, computed before the server starts (two engines would share 2 cores)."""
-    llm = LLM(smollm2_path, max_model_len=2048)
+    llm = LLM(smollm2_path, max_model_len=2048, device="cpu")
     greedy = SamplingParams(temperature=0, max_tokens=24)
     out = {"completions": [llm.generate(p, greedy, use_tqdm=False)[0].outputs[0]
                            for p in PROMPTS],   # one at a time, as the server will see them

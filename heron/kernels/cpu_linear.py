@@ -57,9 +57,12 @@ def invariant_linear_available(dtype: torch.dtype) -> bool:
 class InvariantLinear(nn.Module):
     """y = x @ W^T + b, each row computed alone (see the module docstring)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
+                 library: ctypes.CDLL | None = None) -> None:
+        """`library`: a build of csrc/cpu_gemm.c other than the default (tests compare
+        the variants for other vector widths)."""
         super().__init__()
-        lib, why = load_gemm()
+        lib, why = (library, "") if library is not None else load_gemm()
         if lib is None:
             raise RuntimeError(f"the batch-invariant linear kernel is unavailable: {why}")
         if weight.dtype not in _DTYPE_CODES or weight.dim() != 2:

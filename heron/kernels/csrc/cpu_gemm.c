@@ -12,7 +12,8 @@
  * row is a function of that row alone.
  *
  * Weights are packed once into panels of 16 output columns, [ceil(N/16)][K][16]
- * (zero-padded past N), in their own dtype: a k step of a panel is one vector.
+ * (zero-padded past N), in their own dtype: a k step of a panel is one 64-byte
+ * (float32) or 32-byte (bfloat16) load.
  * Activations in bfloat16 are widened to float32 once per call; for calls with
  * many rows a bfloat16 panel is widened once into scratch and reused by every row
  * tile. Each output element's arithmetic is the same in every path.
@@ -31,11 +32,14 @@
 #endif
 
 #define NB 16                       /* columns per panel */
-/* Vectors of the CPU's native width: gcc spills 64-byte vectors on AVX2 */
+/* Vectors of the CPU's native width (gcc spills 64-byte vectors on AVX2). -DVW=16 on
+ * another CPU builds the AVX-512 variant's arithmetic, which tests compare. */
+#ifndef VW
 #if defined(__AVX512F__)
 #define VW 16
 #else
 #define VW 8
+#endif
 #endif
 #define VPP (NB / VW)               /* vectors per panel row */
 typedef float vf __attribute__((vector_size(VW * 4)));
@@ -45,7 +49,7 @@ typedef uint32_t vu __attribute__((vector_size(VW * 4)));
 enum { DT_F32 = 0, DT_BF16 = 1 };
 
 /* Row tile shapes: (rows, panels) per register tile. */
-#if defined(__AVX512F__)
+#if VW == 16
 #define MR 8                        /* 8 rows x 2 panels = 16 zmm accumulators */
 #define MP 2
 #else
@@ -55,20 +59,34 @@ enum { DT_F32 = 0, DT_BF16 = 1 };
 #define MB 96                       /* rows per block: their float32 rows stay in L2 */
 #define WIDEN_MIN_ROWS 16           /* from here a bf16 panel is widened once per block */
 
-static inline vf ld_f32(const float *p) {
-    vf v;
-    memcpy(&v, p, sizeof v);
-    return v;
+/* One k step of a panel, the panel's VPP vectors, into out[0 .. VPP-1]. */
+static inline void ld_f32(const float *p, vf *out) {
+    for (int v = 0; v < VPP; v++) memcpy(&out[v], p + v * VW, sizeof(vf));
 }
 
-static inline vf ld_bf16(const uint16_t *p) {
-    vh h;
-    memcpy(&h, p, sizeof h);
-    vu u = __builtin_convertvector(h, vu) << 16;
-    vf v;
-    memcpy(&v, &u, sizeof v);
-    return v;
+#if VPP == 2
+/* bfloat16 panels are packed with column j in the low half of 32-bit word j and column
+ * j + 8 in its high half (heron_pack), so widening is a shift and a mask: no shuffles,
+ * which bound this loop otherwise (AVX2 has one shuffle port). */
+static inline void ld_bf16(const uint16_t *p, vf *out) {
+    vu w;
+    memcpy(&w, p, sizeof w);
+    vu lo = w << 16, hi = w & 0xffff0000u;
+    memcpy(&out[0], &lo, sizeof(vf));
+    memcpy(&out[1], &hi, sizeof(vf));
 }
+static inline int64_t bf16_slot(int64_t j) { return j < VW ? 2 * j : 2 * (j - VW) + 1; }
+#else
+static inline void ld_bf16(const uint16_t *p, vf *out) {
+    for (int v = 0; v < VPP; v++) {
+        vh h;
+        memcpy(&h, p + v * VW, sizeof h);
+        vu u = __builtin_convertvector(h, vu) << 16;
+        memcpy(&out[v], &u, sizeof(vf));
+    }
+}
+static inline int64_t bf16_slot(int64_t j) { return j; }
+#endif
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -99,9 +117,8 @@ static void NAME(const float *x, int64_t xs, const WT *w, int64_t ps, int64_t K,
         for (int v = 0; v < P * VPP; v++) acc[r][v] = (vf){0};                              \
     for (int64_t k = 0; k < K; k++) {                                                       \
         vf wv[P * VPP];                                                                     \
-        _Pragma("GCC unroll 8")                                                             \
-        for (int v = 0; v < P * VPP; v++)                                                   \
-            wv[v] = LOAD(w + (v / VPP) * ps + k * NB + (v % VPP) * VW);                     \
+        _Pragma("GCC unroll 4")                                                             \
+        for (int p = 0; p < P; p++) LOAD(w + p * ps + k * NB, &wv[p * VPP]);               \
         _Pragma("GCC unroll 16")                                                            \
         for (int r = 0; r < R; r++) {                                                       \
             const float a = x[r * xs + k];                                                  \
@@ -142,7 +159,7 @@ static const tile_fn tiles[2][3][8] = {
 /* Panels per tile for a tile of `rows` rows: few rows get more panels, so that enough
  * independent chains are in flight (one row alone is bound by the FMA latency). */
 static inline int panels_for(int rows) {
-#if defined(__AVX512F__)
+#if VW == 16
     return rows <= 4 ? 4 : MP;
 #else
     return rows <= 1 ? 4 : (rows <= 3 ? 2 : MP);
@@ -218,7 +235,9 @@ static void run_panels(const Gemm *g, int64_t p0, int64_t p1, float *scratch,
             for (int64_t q0 = p0; q0 < p1; q0 += scratch_panels) {
                 const int64_t q1 = p1 - q0 < scratch_panels ? p1 : q0 + scratch_panels;
                 const uint16_t *src = (const uint16_t *)g->w + q0 * ps;
-                for (int64_t i = 0; i < (q1 - q0) * ps; i++) scratch[i] = bf16_to_f32(src[i]);
+                for (int64_t row = 0; row < (q1 - q0) * g->K; row++)
+                    for (int j = 0; j < NB; j++)
+                        scratch[row * NB + j] = bf16_to_f32(src[row * NB + bf16_slot(j)]);
                 run_block(g, m0, m1, q0, q1, scratch, 1, ps);
             }
         }
@@ -271,7 +290,8 @@ int heron_linear(const void *x, int64_t xs, const void *w, const void *bias, voi
     return 0;
 }
 
-/* Pack w [N][K] (row stride ws elements, `dtype`) into panels [ceil(N/16)][K][16]. */
+/* Pack w [N][K] (row stride ws elements, `dtype`) into panels [ceil(N/16)][K][16]
+ * (bfloat16 columns in the order ld_bf16 reads them). */
 int heron_pack(const void *w, int64_t ws, void *packed, int64_t N, int64_t K, int dtype) {
     if (N <= 0 || K <= 0 || (dtype != DT_F32 && dtype != DT_BF16)) return -1;
     const int64_t panels = (N + NB - 1) / NB, esz = dtype == DT_BF16 ? 2 : 4;
@@ -279,11 +299,11 @@ int heron_pack(const void *w, int64_t ws, void *packed, int64_t N, int64_t K, in
     for (int64_t n = 0; n < N; n++) {
         const int64_t panel = n / NB, j = n % NB;
         for (int64_t k = 0; k < K; k++) {
-            const int64_t dst = (panel * K + k) * NB + j;
+            const int64_t row = (panel * K + k) * NB;
             if (dtype == DT_BF16)
-                ((uint16_t *)packed)[dst] = ((const uint16_t *)w)[n * ws + k];
+                ((uint16_t *)packed)[row + bf16_slot(j)] = ((const uint16_t *)w)[n * ws + k];
             else
-                ((float *)packed)[dst] = ((const float *)w)[n * ws + k];
+                ((float *)packed)[row + j] = ((const float *)w)[n * ws + k];
         }
     }
     return 0;

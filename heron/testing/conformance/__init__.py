@@ -6,7 +6,9 @@ and runs, prefix caching hits when claimed, chunked prefill keeps outputs equal)
 a sane memory profile (total >= available >= 0, KV blocks > 0, an explicit byte
 budget honoured), greedy equivalence with Hugging Face transformers on tiny
 random Llama and Qwen2 models in float32, and batch invariance (a prompt alone,
-in a mixed batch, and under a KV cache small enough to force preemption).
+in a mixed batch, and under a KV cache small enough to force preemption; for every
+invariance a platform declares, in each dtype it names, the log-probabilities of the
+greedy tokens must be equal bit for bit).
 
 Run it for a platform by name (`auto` picks as `LLM(device="auto")` would)::
 
