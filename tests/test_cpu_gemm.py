@@ -155,3 +155,13 @@ def test_batch_invariant_mode_off_declares_no_invariance(monkeypatch):
     monkeypatch.setenv("HERON_BATCH_INVARIANT", "1")
     monkeypatch.setenv("HERON_CPU_ATTENTION", "reference")   # plain torch attention: not declared
     assert not platform.capabilities.invariances
+
+
+def test_an_edited_shared_header_rebuilds_its_libraries(tmp_path):
+    """cbuild names a library by its source and the local headers it includes."""
+    header, source = tmp_path / "shared.h", tmp_path / "k.c"
+    header.write_text("static inline int answer(void) { return 41; }\n")
+    source.write_text('#include "shared.h"\nint value(void) { return answer(); }\n')
+    before = cbuild.library_path(source, ["-O2"])
+    header.write_text("static inline int answer(void) { return 42; }\n")
+    assert cbuild.library_path(source, ["-O2"]) != before

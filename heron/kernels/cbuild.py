@@ -1,7 +1,7 @@
 """Build and load heron's small C kernels: gcc on first use, cached, loaded with ctypes.
 
 A library is built once per (source, flags, CPU) into `cache_dir()/kernels`, under
-a name that hashes all three, so an edited source recompiles and a cache shared
+a name that hashes all three (the source with the local headers it includes), so an edited source recompiles and a cache shared
 between machines never serves a foreign build. Each build goes to a private
 temporary name first and is renamed into place: concurrent processes never load
 half a file.
@@ -12,6 +12,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import uuid
@@ -48,9 +49,20 @@ def cpu_fingerprint() -> str:
     return platform.machine() + "".join(lines)
 
 
+_LOCAL_INCLUDE = re.compile(rb'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
+
+
+def source_bytes(source: Path) -> bytes:
+    """The source with the headers it includes from its own folder (`#include "x.h"`),
+    so that editing a shared header rebuilds every library that uses it."""
+    text = source.read_bytes()
+    headers = [source.parent / name.decode() for name in _LOCAL_INCLUDE.findall(text)]
+    return text + b"".join(h.read_bytes() for h in headers if h.is_file())
+
+
 def library_path(source: Path, flags: list[str]) -> Path:
     """Where the build of `source` with these flags for this CPU lives."""
-    digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()
+    digest = hashlib.sha256(source_bytes(source) + " ".join(flags).encode()
                             + cpu_fingerprint().encode())
     return envs.cache_dir() / "kernels" / f"{source.stem}-{digest.hexdigest()[:16]}.so"
 

@@ -27,6 +27,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "bf16.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -87,20 +88,6 @@ static inline void ld_bf16(const uint16_t *p, vf *out) {
 }
 static inline int64_t bf16_slot(int64_t j) { return j; }
 #endif
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);   /* NaN */
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);                  /* RNE */
-}
 
 /*
  * One register tile: R rows of x (float32, row stride xs) times P panels of w

@@ -16,26 +16,14 @@
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#include "bf16.h"
 
 enum { DT_F32 = 0, DT_BF16 = 1 };
 
 /* Element access for one dtype. Every loop below is written once per dtype (through
  * the OPS macro) with no branch inside, so that gcc vectorizes it. */
-static inline float bf16_ld(const uint16_t *p, int64_t i) {
-    uint32_t u = (uint32_t)p[i] << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t bf16_round(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    /* round to nearest even; NaN stays NaN (its payload gains the quiet bit) */
-    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    uint32_t nan = (u >> 16) | 0x40u;
-    return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? nan : r);
-}
+static inline float bf16_ld(const uint16_t *p, int64_t i) { return bf16_to_f32(p[i]); }
+static inline uint16_t bf16_round(float f) { return f32_to_bf16(f); }
 
 static inline void bf16_st(uint16_t *p, int64_t i, float f) { p[i] = bf16_round(f); }
 static inline float bf16_rnd(float f) {
