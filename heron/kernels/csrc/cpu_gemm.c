@@ -19,8 +19,8 @@
  * tile. Each output element's arithmetic is the same in every path.
  *
  * Threads split the panels (columns) between them, never the reduction. The math
- * uses GCC vector extensions (16 floats), so it builds for any CPU; with FMA the
- * multiply-adds are fused (gcc contracts them the same way in every tile shape).
+ * uses GCC vector extensions of the CPU's native width, so it builds for any CPU; with
+ * FMA the multiply-adds are fused (gcc contracts them the same way in every tile shape).
  *
  * dtype codes: 0 float32, 1 bfloat16 (x, w, bias and y share one dtype).
  */
@@ -59,6 +59,7 @@ enum { DT_F32 = 0, DT_BF16 = 1 };
 #endif
 #define MB 96                       /* rows per block: their float32 rows stay in L2 */
 #define WIDEN_MIN_ROWS 16           /* from here a bf16 panel is widened once per block */
+#define PANEL_CHUNK 4               /* panels every row tile of a block visits in turn */
 
 /* One k step of a panel, the panel's VPP vectors, into out[0 .. VPP-1]. */
 static inline void ld_f32(const float *p, vf *out) {
@@ -193,17 +194,22 @@ static void run_block(const Gemm *g, int64_t m0, int64_t m1, int64_t p0, int64_t
                       const void *w, int wf32, int64_t ps) {
     float acc[MR * 4 * NB];
     const int esz = wf32 ? 4 : 2;
-    for (int64_t m = m0; m < m1;) {
-        const int rows = m1 - m < MR ? (int)(m1 - m) : MR;
-        const int want = panels_for(rows);
-        for (int64_t p = p0; p < p1;) {
-            const int panels = p1 - p >= want ? want : 1;
-            tile_fn fn = tiles[!wf32][log2_small(panels)][rows - 1];
-            fn(g->x + m * g->xs, g->xs, (const char *)w + (p - p0) * ps * esz, ps, g->K, acc);
-            store_tile(g, acc, m, rows, p, panels);
-            p += panels;
+    /* a few panels at a time, so that every row tile finds them in cache */
+    for (int64_t c0 = p0; c0 < p1; c0 += PANEL_CHUNK) {
+        const int64_t c1 = p1 - c0 < PANEL_CHUNK ? p1 : c0 + PANEL_CHUNK;
+        for (int64_t m = m0; m < m1;) {
+            const int rows = m1 - m < MR ? (int)(m1 - m) : MR;
+            const int want = panels_for(rows);
+            for (int64_t p = c0; p < c1;) {
+                const int panels = c1 - p >= want ? want : 1;
+                tile_fn fn = tiles[!wf32][log2_small(panels)][rows - 1];
+                fn(g->x + m * g->xs, g->xs, (const char *)w + (p - p0) * ps * esz, ps, g->K,
+                   acc);
+                store_tile(g, acc, m, rows, p, panels);
+                p += panels;
+            }
+            m += rows;
         }
-        m += rows;
     }
 }
 
