@@ -160,11 +160,10 @@ typedef struct {
     const float *x;          /* float32 activations, row stride xs */
     int64_t xs;
     const void *w;           /* packed panels */
-    int wbf16;
+    int bf16;                /* weights, bias and y are bfloat16 (else float32) */
     const void *bias;
     void *y;
     int64_t ys;
-    int ybf16;
     int64_t M, N, K;
 } Gemm;
 
@@ -179,9 +178,9 @@ static void store_tile(const Gemm *g, const float *acc, int64_t m0, int rows, in
             for (int j = 0; j < ncols; j++) {
                 float v = a[j];
                 if (g->bias)
-                    v += g->ybf16 ? bf16_to_f32(((const uint16_t *)g->bias)[n0 + j])
+                    v += g->bf16 ? bf16_to_f32(((const uint16_t *)g->bias)[n0 + j])
                                   : ((const float *)g->bias)[n0 + j];
-                if (g->ybf16) ((uint16_t *)g->y)[(m0 + r) * g->ys + n0 + j] = f32_to_bf16(v);
+                if (g->bf16) ((uint16_t *)g->y)[(m0 + r) * g->ys + n0 + j] = f32_to_bf16(v);
                 else ((float *)g->y)[(m0 + r) * g->ys + n0 + j] = v;
             }
         }
@@ -219,7 +218,7 @@ static void run_panels(const Gemm *g, int64_t p0, int64_t p1, float *scratch,
     const int64_t ps = g->K * NB;
     for (int64_t m0 = 0; m0 < g->M; m0 += MB) {
         const int64_t m1 = g->M - m0 < MB ? g->M : m0 + MB;
-        if (!g->wbf16) {
+        if (!g->bf16) {
             run_block(g, m0, m1, p0, p1, (const float *)g->w + p0 * ps, 1, ps);
         } else if (m1 - m0 < WIDEN_MIN_ROWS || !scratch) {
             run_block(g, m0, m1, p0, p1, (const uint16_t *)g->w + p0 * ps, 0, ps);
@@ -260,7 +259,7 @@ int heron_linear(const void *x, int64_t xs, const void *w, const void *bias, voi
         xrows = xf;
         xstride = K;
     }
-    const Gemm g = {xrows, xstride, w, dtype == DT_BF16, bias, y, ys, dtype == DT_BF16, M, N, K};
+    const Gemm g = {xrows, xstride, w, dtype == DT_BF16, bias, y, ys, M, N, K};
     const int64_t panels = (N + NB - 1) / NB;
     int threads = nthreads < panels ? nthreads : (int)panels;
     /* scratch for widened panels: about 64 KiB of float32 per thread */
@@ -274,7 +273,7 @@ int heron_linear(const void *x, int64_t xs, const void *w, const void *bias, voi
 #endif
         const int64_t p0 = panels * t / nt, p1 = panels * (t + 1) / nt;
         /* without scratch (malloc failed) the unwidened path computes the same numbers */
-        float *scratch = g.wbf16 && M >= WIDEN_MIN_ROWS
+        float *scratch = g.bf16 && M >= WIDEN_MIN_ROWS
                          ? malloc(sizeof(float) * scratch_panels * K * NB) : NULL;
         run_panels(&g, p0, p1, scratch, scratch_panels);
         free(scratch);
