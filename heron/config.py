@@ -136,6 +136,85 @@ class ParallelConfig:
         return "uni" if self.world_size == 1 else "mp"
 
 
+SPECULATIVE_METHODS = ("ngram", "draft_model")
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding (vLLM's `speculative_config`): propose `num_speculative_tokens`
+    tokens per decoding request and verify them in one forward pass of the target model.
+
+    `method="ngram"` proposes by prompt lookup: the tokens that followed the latest
+    earlier occurrence of the sequence's last n tokens, for n from `prompt_lookup_max`
+    down to `prompt_lookup_min`. A `model` (a local Hugging Face folder of a smaller
+    model with the same tokenizer) implies `method="draft_model"`."""
+    method: str | None = None
+    num_speculative_tokens: int | None = None
+    model: str | None = None
+    prompt_lookup_max: int | None = None
+    prompt_lookup_min: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method is None and self.model:
+            self.method = "draft_model"
+        if self.method == "[ngram]":   # vLLM's older spelling
+            self.method = "ngram"
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_config: method={self.method!r} is not supported; use "
+                             "'ngram' or give a draft 'model' (method 'draft_model')")
+        k = self.num_speculative_tokens
+        if k is None or isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError("speculative_config: num_speculative_tokens must be a whole number "
+                             f"of at least 1, got {k!r}")
+        if self.method == "draft_model":
+            if not self.model:
+                raise ValueError("speculative_config: method 'draft_model' needs 'model' "
+                                 "(a local Hugging Face folder)")
+            if self.prompt_lookup_max is not None or self.prompt_lookup_min is not None:
+                raise ValueError("speculative_config: prompt_lookup_max/prompt_lookup_min only "
+                                 "apply to method 'ngram'")
+            return
+        if self.model is not None:
+            raise ValueError("speculative_config: method 'ngram' takes no 'model'")
+        self._resolve_lookup_bounds()
+
+    def _resolve_lookup_bounds(self) -> None:
+        # vLLM's rule: both default to 5; one given sets the other.
+        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        for name, value in (("prompt_lookup_min", lo), ("prompt_lookup_max", hi)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"speculative_config: {name} must be a whole number of at "
+                                 f"least 1, got {value!r}")
+        if lo is None and hi is None:
+            lo = hi = 5
+        elif lo is None:
+            lo = hi
+        elif hi is None:
+            hi = lo
+        if lo > hi:
+            raise ValueError(f"speculative_config: prompt_lookup_min ({lo}) is larger than "
+                             f"prompt_lookup_max ({hi})")
+        self.prompt_lookup_min, self.prompt_lookup_max = lo, hi
+
+    @classmethod
+    def from_value(cls, value: "SpeculativeConfig | dict[str, Any] | None") -> "SpeculativeConfig | None":
+        """Accept what users pass as `speculative_config=`: a dict (vLLM's keys), a
+        SpeculativeConfig or None. Unknown keys raise ValueError naming them."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError("speculative_config must be a dict such as "
+                             '{"method": "ngram", "num_speculative_tokens": 4}, '
+                             f"got {type(value).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"speculative_config: unknown key {unknown[0]!r}; known keys: "
+                             + ", ".join(sorted(known)))
+        return cls(**value)
+
+
 @dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -143,18 +222,21 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    speculative: SpeculativeConfig | None = None
 
     @classmethod
     def create(cls, **kwargs: Any) -> "EngineConfig":
         """Build from flat vLLM-style keyword arguments; unknown names raise TypeError."""
         classes = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
                    "device": DeviceConfig, "parallel": ParallelConfig}
+        speculative = SpeculativeConfig.from_value(kwargs.pop("speculative_config", None))
         parts: dict[str, dict[str, Any]] = {part: {} for part in classes}
         owners = {f.name: part for part, klass in classes.items()
                   for f in dataclasses.fields(klass)}
         for key, value in kwargs.items():
             if key not in owners:
-                known = ", ".join(sorted(owners))
+                known = ", ".join(sorted([*owners, "speculative_config"]))
                 raise TypeError(f"unknown engine argument {key!r}; known arguments: {known}")
             parts[owners[key]][key] = value
-        return cls(**{part: klass(**parts[part]) for part, klass in classes.items()})
+        return cls(**{part: klass(**parts[part]) for part, klass in classes.items()},
+                   speculative=speculative)

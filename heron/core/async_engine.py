@@ -18,13 +18,14 @@ import collections
 import concurrent.futures
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Protocol
 
 from heron.config import EngineConfig
 from heron.core.engine import LLMEngine, PromptType
 from heron.core.outputs import RequestOutput
 from heron.core.sampling_params import SamplingParams
+from heron.core.spec_decode.stats import SpecDecodingStats
 from heron.logger import get_logger
 
 logger = get_logger(__name__)
@@ -47,6 +48,8 @@ class EngineStats:
     prefix_cache_queries: int = 0        # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0           # of those, tokens found
     num_preemptions: int = 0
+    # Speculative decoding counters (all zero without a speculative_config).
+    spec_decoding: SpecDecodingStats = field(default_factory=SpecDecodingStats)
 
 
 class StatLogger(Protocol):
@@ -316,7 +319,8 @@ class AsyncLLMEngine:
                                  kv_cache_usage=kv.usage(),
                                  prefix_cache_queries=kv.stats.queries,
                                  prefix_cache_hits=kv.stats.hits,
-                                 num_preemptions=scheduler.num_preemptions)
+                                 num_preemptions=scheduler.num_preemptions,
+                                 spec_decoding=scheduler.spec_stats.copy())
 
     def _log(self, method: Any, arg: Any) -> None:
         try:

@@ -18,6 +18,7 @@ from heron.core.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from heron.core.request import Request, RequestStatus
 from heron.core.sampling_params import SamplingParams
 from heron.core.scheduler import Scheduler
+from heron.core.spec_decode.stats import SpecDecodingStats
 from heron.core.tokenizer import check_unicode, load_tokenizer, resolve_eos_token_ids
 from heron.logger import get_logger
 from heron.worker.executor import executor_class
@@ -74,7 +75,7 @@ class LLMEngine:
             self.executor.shutdown()   # no worker process outlives a failed start
             raise
         self.scheduler = Scheduler(config.scheduler, config.cache, self.num_blocks,
-                                   self.max_model_len)
+                                   self.max_model_len, config.speculative)
         self.vocab_size = self.executor.vocab_size
         self._parents: dict[str, _Parent] = {}
         self._sequences: dict[str, _Sequence] = {}
@@ -220,6 +221,11 @@ class LLMEngine:
     def get_num_unfinished_requests(self) -> int:
         return len(self._parents)
 
+    @property
+    def spec_decoding_stats(self) -> SpecDecodingStats:
+        """Speculative decoding counters since start (all zero without speculation)."""
+        return self.scheduler.spec_stats.copy()
+
     # -- one step -----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
@@ -244,14 +250,30 @@ class LLMEngine:
         return [self._make_output(parent, now) for parent in touched.values()]
 
     def _detokenize(self, seq: _Sequence, new_tokens: list[int]) -> None:
+        """Text for the step's new tokens, one at a time: a stop string ends the request at
+        the token that completes it, and tokens after it (accepted speculative tokens)
+        are dropped, exactly as if they had never been generated."""
         request = seq.request
-        stop = seq.detokenizer.update(new_tokens, request.num_output_tokens)
-        if stop is not None and not request.is_finished:
-            request.stop_reason = stop
-            self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
+        first = request.num_output_tokens - len(new_tokens)
+        for i, token in enumerate(new_tokens):
+            stop = seq.detokenizer.update([token], first + i + 1)
+            if stop is None:
+                continue
+            if i < len(new_tokens) - 1:
+                request.truncate_output(first + i + 1)
+                new_tokens = new_tokens[:i + 1]
+                if request.is_finished:   # by a token that is now dropped
+                    request.status = RequestStatus.FINISHED_STOPPED
+                    request.stop_reason = stop
+            if not request.is_finished:
+                request.stop_reason = stop
+                self.scheduler.finish_requests([request.request_id],
+                                               RequestStatus.FINISHED_STOPPED)
+            break
         if request.logprobs:
-            for token_id, logprob in request.logprobs[-1].items():
-                logprob.decoded_token = self.tokenizer.decode([token_id])
+            for position in request.logprobs[-len(new_tokens):]:
+                for token_id, logprob in position.items():
+                    logprob.decoded_token = self.tokenizer.decode([token_id])
 
     def _make_output(self, parent: _Parent, now: float) -> RequestOutput:
         outputs = []

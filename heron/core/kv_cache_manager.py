@@ -101,6 +101,17 @@ class KVCacheManager:
             if blocks[i].block_hash is None:
                 self.pool.cache_block(blocks[i], request.block_hashes[i])
 
+    def free_blocks_beyond(self, request: Request, num_tokens: int) -> None:
+        """Give back the blocks past the first `num_tokens` tokens' (those that only held
+        rejected speculative tokens), tail first. They were never hashed: hashes cover
+        known tokens only."""
+        blocks = self.req_blocks.get(request.request_id, [])
+        keep = -(-num_tokens // self.block_size)
+        if len(blocks) > keep:
+            excess = blocks[keep:]
+            del blocks[keep:]
+            self.pool.free(reversed(excess))
+
     def free(self, request: Request) -> None:
         """Give back every block of a finished or preempted request, tail first."""
         blocks = self.req_blocks.pop(request.request_id, [])

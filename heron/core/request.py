@@ -89,3 +89,17 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    def truncate_output(self, num_output_tokens: int) -> None:
+        """Drop output tokens after the first `num_output_tokens` (a stop string ended the
+        request earlier in a step that emitted several tokens), with their logprobs."""
+        dropped = self.output_token_ids[num_output_tokens:]
+        if not dropped:
+            return
+        del self.output_token_ids[num_output_tokens:]
+        del self.all_token_ids[self.num_prompt_tokens + num_output_tokens:]
+        if self.logprobs is not None:
+            for position, token in zip(self.logprobs[num_output_tokens:], dropped):
+                if token in position:
+                    self.cumulative_logprob -= position[token].logprob
+            del self.logprobs[num_output_tokens:]

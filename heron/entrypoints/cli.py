@@ -18,6 +18,25 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
                         action="store_false", default=True)
     _add_parallel_args(parser)
+    _add_speculative_arg(parser)
+
+
+def _speculative_json(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def _add_speculative_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--speculative-config", type=_speculative_json, default=None,
+                        help='speculative decoding, as JSON (vLLM\'s keys), e.g. '
+                             '\'{"method": "ngram", "num_speculative_tokens": 4, '
+                             '"prompt_lookup_max": 4}\' or \'{"model": DIR, '
+                             '"num_speculative_tokens": 4}\'')
 
 
 def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +65,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     llm = LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
               seed=args.seed, enable_prefix_caching=args.enable_prefix_caching,
-              **parallel_kwargs(args))
+              speculative_config=args.speculative_config, **parallel_kwargs(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.sampling_seed)
     if args.chat:
@@ -109,6 +128,7 @@ def _add_serve_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--max-request-body-bytes", type=int, default=4 * 1024 * 1024,
                        help="larger request bodies get 413 (default 4 MiB)")
     _add_parallel_args(serve)
+    _add_speculative_arg(serve)
     serve.add_argument("--allowed-origins", type=json.loads, default=["*"],
                        help='CORS origins, a JSON list (default ["*"])')
     serve.add_argument("--allowed-credentials", action="store_true",

@@ -71,6 +71,9 @@ class Capabilities:
     bit the same, in each of the `invariant_dtypes` (in its default settings, one rank);
     the conformance suite checks every one declared. Declaring none is honest for a
     platform whose kernels' results depend on the batch shape.
+    `speculative_decoding` says whether the platform verifies proposals (several
+    tentative tokens per request in one step, logits at each of them) and runs a draft
+    model; `validate()` refuses a `speculative_config` when False.
     """
     dtypes: frozenset[str] = frozenset({"float32"})
     prefix_caching: bool = True
@@ -79,6 +82,7 @@ class Capabilities:
     block_sizes: frozenset[int] = frozenset()
     invariances: frozenset[Invariance] = frozenset()
     invariant_dtypes: frozenset[str] = frozenset()
+    speculative_decoding: bool = True
 
     @property
     def default_block_size(self) -> int:
@@ -156,11 +160,23 @@ class Platform(ABC):
         if config.parallel.tensor_parallel_size > 1 and not self.capabilities.tensor_parallel:
             reasons.append(f"{self.name} cannot split a model over several ranks; pass "
                            "tensor_parallel_size=1")
+        reasons += self._speculative_problems(config)
         if config.parallel.pipeline_parallel_size > 1:
             reasons.append("pipeline parallelism is not implemented in heron yet; pass "
                            "pipeline_parallel_size=1 (tensor_parallel_size splits a model "
                            "over several processes or hosts)")
         return reasons
+
+    def _speculative_problems(self, config: "EngineConfig") -> list[str]:
+        spec = config.speculative
+        if spec is None:
+            return []
+        if not self.capabilities.speculative_decoding:
+            return [f"{self.name} has no speculative decoding; leave speculative_config unset"]
+        if spec.method == "draft_model" and config.parallel.world_size > 1:
+            return ["a speculative draft model runs on one rank only; pass "
+                    "tensor_parallel_size=1 or use method 'ngram'"]
+        return []
 
     def complete_config(self, config: "EngineConfig") -> "EngineConfig":
         """A copy of `config` with what the user left unset (`block_size=None`) filled in for

@@ -33,9 +33,7 @@ class Sampler:
         params = [r.sampling_params for r in requests]
         want_logprobs = [p.logprobs is not None for p in params]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
-        if any(p.needs_penalties for p in params):
-            logits = apply_penalties(logits.clone(), requests)
-        logits = self._mask_stop_tokens_before_min(logits, requests)
+        logits = self.processed_logits(logits, requests)
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:
@@ -51,6 +49,23 @@ class Sampler:
                         raw_logprobs[i], token_list[i], params[i].logprobs)
         return SamplerOutput(token_list, out_logprobs, out_sampled)
 
+    def processed_logits(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Logits after penalties and the min_tokens mask: greedy takes their argmax, and
+        sampling applies temperature and the top-k/top-p/min-p filters to them."""
+        if any(r.sampling_params.needs_penalties for r in requests):
+            logits = apply_penalties(logits.clone(), requests)
+        return self._mask_stop_tokens_before_min(logits, requests)
+
+    def generator_for(self, request: Request) -> torch.Generator:
+        """The request's own generator when it has a seed (created on first use), else the
+        sampler's shared one."""
+        if request.sampling_params.seed is None:
+            return self.generator
+        if request.generator is None:
+            request.generator = torch.Generator(device=self.device)
+            request.generator.manual_seed(request.sampling_params.seed)
+        return request.generator
+
     @staticmethod
     def _mask_stop_tokens_before_min(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         rows, cols = [], []
@@ -65,11 +80,7 @@ class Sampler:
         return logits
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        params = [r.sampling_params for r in requests]
-        temps = torch.tensor([p.temperature for p in params], device=logits.device)
-        logits = logits / temps.unsqueeze(1)
-        logits = apply_top_k_top_p_min_p(logits, params)
-        probs = torch.softmax(logits, dim=-1)
+        probs = sampling_probs(logits, [r.sampling_params for r in requests])
         noise = torch.empty_like(probs)
         shared_rows = []
         for i, r in enumerate(requests):
@@ -84,6 +95,14 @@ class Sampler:
             noise[shared_rows] = torch.empty_like(probs[shared_rows]).exponential_(
                 generator=self.generator)
         return (probs / noise).argmax(dim=-1)
+
+
+def sampling_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
+    """The distribution random sampling draws from: temperature, then top-k/top-p/min-p."""
+    temps = torch.tensor([p.temperature for p in params], device=logits.device)
+    logits = logits / temps.unsqueeze(1)
+    logits = apply_top_k_top_p_min_p(logits, params)
+    return torch.softmax(logits, dim=-1)
 
 
 def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:

@@ -4,6 +4,8 @@ Shared by every model runner (torch on any device, OpenVINO): prefill chunks and
 decodes of many requests are packed into one flat batch of tokens, and logits are
 computed only at the rows that need them: the last token of each request that
 samples, and the prompt positions of requests that ask for prompt logprobs.
+A request that verifies k proposals (speculative decoding) needs k + 1 rows: its last
+known token's and each proposal's.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from heron.core.request import PositionLogprobs
 from heron.core.scheduler import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from heron.kernels.interface import AttentionMetadata
 from heron.worker.sampler import Sampler, top_logprobs
+from heron.worker.spec_decode.verify import SpecRows, verify_all
 
 
 @dataclass
@@ -36,26 +39,39 @@ class StepInputs:
     sample_rows: list[int]
     sample_items: list[ScheduledRequest]
     prompt_rows: list[PromptLogprobRows] = field(default_factory=list)
+    # Requests verifying proposals, and their k + 1 rows each (after the samples' rows).
+    spec_rows: list[SpecRows] = field(default_factory=list)
+    spec_logits_rows: list[int] = field(default_factory=list)
 
     def logits_rows(self) -> list[int]:
-        """Every row whose logits the step needs: prompt-logprob rows first, then samples."""
+        """Every row whose logits the step needs: prompt-logprob rows first, then samples,
+        then the rows of requests that verify proposals."""
         rows = [r for p in self.prompt_rows for r in p.rows]
-        return rows + self.sample_rows
+        return rows + self.sample_rows + self.spec_logits_rows
 
 
-def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device) -> StepInputs:
-    """The flat batch of one scheduled step."""
+def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device,
+                   drafts: dict[str, list[int]] | None = None) -> StepInputs:
+    """The flat batch of one scheduled step. `drafts` are the proposals of requests whose
+    tentative tokens the worker's draft model proposed (by request id)."""
     token_chunks, starts, sample_rows, sample_items, prompt_rows = [], [], [], [], []
+    spec_rows, spec_logits_rows = [], []
     row = 0
     for item in sched.scheduled:
         start, n = item.start, item.num_new_tokens
-        token_chunks.append(item.request.all_token_ids[start:start + n])
+        proposed = (drafts or {}).get(item.request.request_id)
+        chunk = item.input_token_ids(proposed)
+        token_chunks.append(chunk)
         starts.append(start)
         prompt = _prompt_logprob_rows(item, row)
         if prompt is not None:
             prompt_rows.append(prompt)
         row += n
-        if item.completes_sequence:
+        if item.num_spec_tokens:
+            k = item.num_spec_tokens
+            spec_rows.append(SpecRows(item, chunk[n - k:]))
+            spec_logits_rows.extend(range(row - k - 1, row))
+        elif item.completes_sequence:
             sample_rows.append(row - 1)
             sample_items.append(item)
     query_lens = [item.num_new_tokens for item in sched.scheduled]
@@ -63,7 +79,7 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device
                           block_size, device)
     input_ids = torch.tensor([t for chunk in token_chunks for t in chunk], dtype=torch.long)
     return StepInputs(input_ids.to(device), meta.positions, meta, sample_rows, sample_items,
-                      prompt_rows)
+                      prompt_rows, spec_rows, spec_logits_rows)
 
 
 def _prompt_logprob_rows(item: ScheduledRequest, first_row: int) -> PromptLogprobRows | None:
@@ -117,9 +133,11 @@ def profile_metadata(num_tokens: int, max_len: int, block_size: int,
     return meta, sum(blocks_per_seq)
 
 
-def outputs_from_logits(inputs: StepInputs, logits: torch.Tensor,
-                        sampler: Sampler) -> ModelRunnerOutput:
-    """Prompt logprobs and sampled tokens from float32 logits at `inputs.logits_rows()`."""
+def outputs_from_logits(inputs: StepInputs, logits: torch.Tensor, sampler: Sampler,
+                        draft_probs: dict[str, torch.Tensor] | None = None) -> ModelRunnerOutput:
+    """Prompt logprobs, sampled tokens and verified proposals from float32 logits at
+    `inputs.logits_rows()`. `draft_probs` are the draft model's distributions for its
+    proposals ([k, vocab] by request id; proposals without them have a one-hot q)."""
     result = ModelRunnerOutput()
     at = 0
     for prompt in inputs.prompt_rows:
@@ -131,11 +149,20 @@ def outputs_from_logits(inputs: StepInputs, logits: torch.Tensor,
         at += count
     if inputs.sample_items:
         requests = [item.request for item in inputs.sample_items]
-        sampled = sampler(logits[at:], requests)
+        sampled = sampler(logits[at:at + len(requests)], requests)
         for i, request in enumerate(requests):
             rid = request.request_id
             result.sampled_token_ids[rid] = sampled.token_ids[i]
             if sampled.logprobs[i] is not None:
                 result.logprobs[rid] = sampled.logprobs[i]
                 result.sampled_logprob[rid] = sampled.sampled_logprob[i]
+        at += len(requests)
+    if inputs.spec_rows:
+        for rid, verified in verify_all(logits[at:], inputs.spec_rows, sampler,
+                                        draft_probs).items():
+            result.sampled_token_ids[rid] = verified.token_id
+            result.verified[rid] = verified.drafts
+            if verified.logprobs is not None:
+                result.logprobs[rid] = verified.logprobs
+                result.sampled_logprob[rid] = verified.sampled_logprob
     return result

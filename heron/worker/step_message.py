@@ -35,6 +35,8 @@ class StepItem:
     num_new_tokens: int
     appended_token_ids: list[int]   # output tokens the worker's mirror lacks so far
     block_ids: list[int]
+    num_spec_tokens: int = 0        # tentative tokens at the end of the step's chunk
+    spec_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -68,7 +70,8 @@ class StepEncoder:
                 sent = known[1]
             self._sent[request.request_id] = (request, request.num_tokens)
             message.items.append(StepItem(request.request_id, item.start, item.num_new_tokens,
-                                          request.all_token_ids[sent:], list(item.block_ids)))
+                                          request.all_token_ids[sent:], list(item.block_ids),
+                                          item.num_spec_tokens, list(item.spec_token_ids)))
         return message
 
     def forget(self) -> None:
@@ -94,5 +97,6 @@ class RequestMirrors:
             for token_id in item.appended_token_ids:
                 request.append_output_token(token_id)
             request.num_computed_tokens = item.num_computed_tokens
-            scheduled.append(ScheduledRequest(request, item.num_new_tokens, item.block_ids))
+            scheduled.append(ScheduledRequest(request, item.num_new_tokens, item.block_ids,
+                                              item.num_spec_tokens, item.spec_token_ids))
         return SchedulerOutput(scheduled=scheduled, finished_ids=list(message.finished_ids))

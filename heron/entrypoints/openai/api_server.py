@@ -233,7 +233,7 @@ def build_state(args: argparse.Namespace) -> ServerState:
         seed=args.seed, enable_prefix_caching=args.enable_prefix_caching,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-        **parallel_kwargs(args))
+        speculative_config=getattr(args, "speculative_config", None), **parallel_kwargs(args))
     chat_template = load_chat_template(args.chat_template)
     names = args.served_model_name or [model or DEFAULT_MODEL_NAME]
     engine = AsyncLLMEngine.from_config(

@@ -77,6 +77,23 @@ class _EngineCollector:
                             "Prefix cache hits, in tokens.", s.prefix_cache_hits)
         yield self._counter("heron:num_preemptions",
                             "Cumulative number of preemption from the engine.", s.num_preemptions)
+        yield from self._spec_decoding(s)
+
+    def _spec_decoding(self, s: EngineStats) -> Iterator[Metric]:
+        """vLLM's spec_decode_* counters (zero without speculative decoding)."""
+        spec = s.spec_decoding
+        yield self._counter("heron:spec_decode_num_drafts",
+                            "Number of spec decoding drafts.", spec.num_drafts)
+        yield self._counter("heron:spec_decode_num_draft_tokens",
+                            "Number of draft tokens.", spec.num_draft_tokens)
+        yield self._counter("heron:spec_decode_num_accepted_tokens",
+                            "Number of accepted tokens.", spec.num_accepted_tokens)
+        per_pos = CounterMetricFamily("heron:spec_decode_num_accepted_tokens_per_pos",
+                                      "Accepted tokens per draft position.",
+                                      labels=["model_name", "position"])
+        for position, count in enumerate(spec.num_accepted_tokens_per_pos):
+            per_pos.add_metric(self._labels + [str(position)], count)
+        yield per_pos
 
 
 class ServerMetrics:

@@ -73,11 +73,17 @@ class OpenVinoPlatform(Platform):
 
     def validate(self, config: "EngineConfig") -> list[str]:
         """The base checks, plus the OpenVINO device: heron's cache layout (blocks of 32) is
-        the CPU device's, the only one it has been run on."""
+        the CPU device's, the only one it has been run on; and no draft model."""
         reasons = super().validate(config)
         if self.options.device.split(".")[0] != "CPU":
             reasons.append(f"OpenVINO device {self.options.device!r} is not supported by heron's "
                            "openvino platform yet (only CPU); unset HERON_OPENVINO_DEVICE")
+        spec = config.speculative
+        if spec is not None and spec.method == "draft_model":
+            # Proposals are verified by the shared step code (n-gram works); a draft model
+            # would need a second compiled model and cache, which this runner lacks.
+            reasons.append("speculative decoding with a draft model is not supported on openvino; "
+                           "use method 'ngram' or device='cpu'")
         return reasons
 
     def attention_backend(self, dtype: "torch.dtype", head_size: int) -> type["AttentionBackend"]:
