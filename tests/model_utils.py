@@ -103,3 +103,34 @@ class PagedRunner:
         for i, (seq, n) in enumerate(chunks):
             seq.logits.extend(logits[meta.query_start_loc_cpu[i]:meta.query_start_loc_cpu[i + 1]])
             seq.num_cached += n
+
+
+def truncated_copy(src: str, dst: str, num_layers: int) -> str:
+    """A copy of the model folder `src` in `dst` keeping only its first `num_layers`
+    decoder layers: `num_hidden_layers` lowered in config.json and the dropped layers'
+    weights removed (a cheap draft model for speculative decoding: same tokenizer, same
+    embeddings and head, fewer layers)."""
+    import json
+    import re
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    src_path, dst_path = Path(src), Path(dst)
+    dst_path.mkdir(parents=True, exist_ok=True)
+    layer = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+    for path in src_path.iterdir():
+        if path.suffix == ".safetensors":
+            tensors = {name: t for name, t in load_file(str(path)).items()
+                       if not ((m := layer.search(name)) and int(m.group(1)) >= num_layers)}
+            save_file(tensors, str(dst_path / path.name), metadata={"format": "pt"})
+        elif path.name == "config.json":
+            config = json.loads(path.read_text())
+            config["num_hidden_layers"] = num_layers
+            (dst_path / path.name).write_text(json.dumps(config, indent=2))
+        elif path.name.endswith(".safetensors.index.json"):
+            continue   # shard indexes would name the dropped weights
+        elif path.is_file():
+            shutil.copy(path, dst_path / path.name)
+    return str(dst_path)

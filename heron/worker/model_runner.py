@@ -20,6 +20,7 @@ from heron.logger import get_logger
 from heron.models.loader import load_model
 from heron.platforms.interface import Platform
 from heron.worker.sampler import Sampler
+from heron.worker.spec_decode.draft_model import make_drafter
 from heron.worker.step_inputs import outputs_from_logits, prepare_inputs, profile_metadata
 
 logger = get_logger(__name__)
@@ -52,6 +53,7 @@ class ModelRunner:
         self.layer_ops = platform.layer_ops(self.dtype)
         self.sampler = Sampler(self.device, config.model.seed)
         self.kv_caches: list[torch.Tensor] = []
+        self.drafter = make_drafter(config, platform, self.device, self.vocab_size)
         logger.info("model %s loaded: %s, %d layers, attention backend %s",
                     model_path, self.dtype, self.num_layers, self.backend.name)
 
@@ -60,16 +62,19 @@ class ModelRunner:
     def weights_bytes(self) -> int:
         tensors = list(self.model.parameters()) + [
             t for m in self.model.modules() for t in vars(m).values() if isinstance(t, torch.Tensor)]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        drafter = self.drafter.weights_bytes() if self.drafter else 0
+        return sum(t.numel() * t.element_size() for t in tensors) + drafter
 
     def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
         return self.backend.kv_cache_shape(num_blocks, self.block_size, self.num_kv_heads,
                                            self.head_size)
 
     def kv_block_bytes(self) -> int:
-        """Bytes one block takes across all layers."""
+        """Bytes one block takes across all layers (and the draft model's, whose cache has
+        as many blocks, so that the KV budget holds both)."""
         per_layer = int(np.prod(self.kv_cache_shape(1))) * torch.finfo(self.dtype).bits // 8
-        return per_layer * self.num_layers
+        drafter = self.drafter.kv_block_bytes() if self.drafter else 0
+        return per_layer * self.num_layers + drafter
 
     def initialize_cache(self, num_blocks: int) -> None:
         shape = self.kv_cache_shape(num_blocks)
@@ -78,6 +83,8 @@ class ModelRunner:
         # large cache cost neither time nor resident memory.
         self.kv_caches = [torch.empty(shape, dtype=self.dtype, device=self.device)
                           for _ in range(self.num_layers)]
+        if self.drafter:
+            self.drafter.initialize_cache(num_blocks)
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int) -> float:
@@ -102,7 +109,10 @@ class ModelRunner:
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         if sched.is_empty:
             return ModelRunnerOutput()
-        inputs = prepare_inputs(sched, self.block_size, self.device)
+        # A draft model proposes the tentative tokens the scheduler left to it.
+        proposals = self.drafter.propose(sched, self.sampler) if self.drafter else {}
+        inputs = prepare_inputs(sched, self.block_size, self.device,
+                                {rid: p.token_ids for rid, p in proposals.items()})
         with set_forward_context(ForwardContext(inputs.meta, self.kv_caches, self.backend,
                                                    self.layer_ops)):
             hidden = self.model(inputs.input_ids, inputs.positions)
@@ -113,7 +123,9 @@ class ModelRunner:
             self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]))
         if logits is None:   # a rank other than 0: its shard of the logits went to rank 0
             return ModelRunnerOutput()
-        return outputs_from_logits(inputs, logits, self.sampler)
+        return outputs_from_logits(inputs, logits, self.sampler,
+                                   {rid: p.probs for rid, p in proposals.items()
+                                    if p.probs is not None})
 
     def _gather_logits(self, logits: torch.Tensor) -> torch.Tensor | None:
         """The whole vocabulary's logits on rank 0 (None elsewhere); the identity on one rank."""
