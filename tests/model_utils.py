@@ -105,11 +105,13 @@ class PagedRunner:
             seq.num_cached += n
 
 
-def truncated_copy(src: str, dst: str, num_layers: int) -> str:
-    """A copy of the model folder `src` in `dst` keeping only its first `num_layers`
-    decoder layers: `num_hidden_layers` lowered in config.json and the dropped layers'
-    weights removed (a cheap draft model for speculative decoding: same tokenizer, same
-    embeddings and head, fewer layers)."""
+def truncated_copy(src: str, dst: str, num_layers: int, keep_last: int = 0) -> str:
+    """A copy of the model folder `src` in `dst` with `num_layers` decoder layers: its
+    first `num_layers - keep_last` and its last `keep_last` (renumbered), with
+    `num_hidden_layers` lowered in config.json and the dropped layers' weights removed.
+    A cheap draft model for speculative decoding: same tokenizer, embeddings and head,
+    fewer layers (keeping the last few layers, which shape the output, agrees with the
+    full model far more often than cutting them off)."""
     import json
     import re
     import shutil
@@ -119,11 +121,27 @@ def truncated_copy(src: str, dst: str, num_layers: int) -> str:
 
     src_path, dst_path = Path(src), Path(dst)
     dst_path.mkdir(parents=True, exist_ok=True)
-    layer = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+    total = json.loads((src_path / "config.json").read_text())["num_hidden_layers"]
+    kept = list(range(num_layers - keep_last)) + list(range(total - keep_last, total))
+    new_index = {old: new for new, old in enumerate(kept)}
+    layer = re.compile(r"((?:^|\.)layers\.)(\d+)(\.)")
+
+    def renamed(name: str) -> str | None:
+        match = layer.search(name)
+        if match is None:
+            return name
+        new = new_index.get(int(match.group(2)))
+        if new is None:
+            return None
+        return name[:match.start(2)] + str(new) + name[match.end(2):]
+
     for path in src_path.iterdir():
         if path.suffix == ".safetensors":
-            tensors = {name: t for name, t in load_file(str(path)).items()
-                       if not ((m := layer.search(name)) and int(m.group(1)) >= num_layers)}
+            tensors = {}
+            for name, tensor in load_file(str(path)).items():
+                new_name = renamed(name)
+                if new_name is not None:
+                    tensors[new_name] = tensor
             save_file(tensors, str(dst_path / path.name), metadata={"format": "pt"})
         elif path.name == "config.json":
             config = json.loads(path.read_text())
