@@ -184,3 +184,20 @@ def test_cli_flag_parses_json():
     assert args.speculative_config == {"method": "ngram", "num_speculative_tokens": 3}
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--speculative-config", "ngram"])
+
+
+def test_openvino_verifies_ngram_proposals(tiny_llama):
+    """The openvino runner shares the step code: n-gram speculation works there too."""
+    from heron.platforms.openvino.platform import OpenVinoPlatform
+
+    detection = OpenVinoPlatform().detect()
+    if not detection.available:
+        pytest.skip(detection.reason)
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    plain = LLM(tiny_llama, device="openvino", dtype="float32")
+    spec = LLM(tiny_llama, device="openvino", dtype="float32", speculative_config=NGRAM)
+    prompts = repetitive_prompts()
+    assert token_ids(spec, prompts, params) == token_ids(plain, prompts, params)
+    stats = spec.llm_engine.spec_decoding_stats
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    assert spec.llm_engine.scheduler.kv.num_free_blocks == spec.llm_engine.num_blocks
