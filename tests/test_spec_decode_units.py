@@ -297,3 +297,29 @@ def test_greedy_verification():
     assert verify_greedy([4, 5, 6, 7], [4, 5, 6]).num_accepted == 3
     assert verify_greedy([4, 5, 6, 7], [4, 5, 6]).token_id == 7
     assert verify_greedy([4], []).token_id == 4
+
+
+# -- metrics ---------------------------------------------------------------------------------
+
+
+def test_prometheus_counters_of_a_hand_checked_case():
+    """Two drafts: 3 proposals with the first 2 accepted, then 2 with none accepted."""
+    from heron.core.async_engine import EngineStats
+    from heron.core.spec_decode.stats import SpecDecodingStats
+    from heron.entrypoints.openai.metrics import ServerMetrics
+
+    spec = SpecDecodingStats()
+    spec.observe(3, 2)
+    spec.observe(2, 0)
+    spec.observe(0, 0)            # a step without proposals is not a draft
+    assert spec.acceptance_rate == pytest.approx(2 / 5)
+    assert spec.mean_acceptance_length == pytest.approx(2.0)
+    metrics = ServerMetrics("m", 64, lambda: EngineStats(spec_decoding=spec))
+    lines = set(metrics.render().decode().splitlines())
+    for line in ('heron:spec_decode_num_drafts_total{model_name="m"} 2.0',
+                 'heron:spec_decode_num_draft_tokens_total{model_name="m"} 5.0',
+                 'heron:spec_decode_num_accepted_tokens_total{model_name="m"} 2.0',
+                 'heron:spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="0"} 1.0',
+                 'heron:spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="1"} 1.0',
+                 'heron:spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="2"} 0.0'):
+        assert line in lines, line
