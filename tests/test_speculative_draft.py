@@ -103,11 +103,12 @@ def test_a_draft_equal_to_the_target_is_always_accepted(tiny_llama):
     assert engine.scheduler.kv.num_free_blocks == 10
 
 
-def test_ngram_through_a_worker_process(tiny_llama):
-    """The mp executor sends steps as messages: tentative tokens travel with them."""
+def test_ngram_under_tensor_parallelism(tiny_llama):
+    """Two worker processes: steps travel as messages (tentative tokens with them), both
+    ranks compute every proposal's row, rank 0 verifies."""
     ngram = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2}
     plain = LLM(tiny_llama, device="cpu", dtype="float32")
-    spec = LLM(tiny_llama, device="cpu", dtype="float32", distributed_executor_backend="mp",
+    spec = LLM(tiny_llama, device="cpu", dtype="float32", tensor_parallel_size=2,
                speculative_config=ngram)
     try:
         params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
