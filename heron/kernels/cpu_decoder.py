@@ -66,7 +66,7 @@ class _Batch(ctypes.Structure):
 
 def _declare(lib: ctypes.CDLL) -> None:
     lib.heron_decoder_forward.argtypes = [ctypes.POINTER(_Kernels), ctypes.POINTER(_Model),
-                                          ctypes.POINTER(_Batch), _p, _p, _i32]
+                                          ctypes.POINTER(_Batch), _p, _p, _i32, _p]
     lib.heron_decoder_forward.restype = _i32
     lib.heron_decoder_scratch_bytes.argtypes = [ctypes.POINTER(_Model), _i64]
     lib.heron_decoder_scratch_bytes.restype = _i64
@@ -162,8 +162,19 @@ class CpuDecoder:
             _ptr(norm.weight), _ptr(self._rope), self._layers)
         self._caches_key: tuple[int, ...] = ()
         self._scratch = torch.empty(0, dtype=torch.uint8)
+        # Seconds spent in linears, attention and element-wise ops, when profiling.
+        self.timings: torch.Tensor | None = None
         logger.info("forward passes run as one C call per step (cpu_decoder.c); "
                     "enforce_eager=True runs the layers from Python")
+
+    def start_profile(self) -> None:
+        """From now on, accumulate the seconds of each kind of kernel (see `profile`)."""
+        self.timings = torch.zeros(3, dtype=torch.float64)
+
+    def profile(self) -> dict[str, float]:
+        """Seconds in linear layers, attention and the element-wise ops since start_profile."""
+        names = ("linears", "attention", "elementwise")
+        return {} if self.timings is None else dict(zip(names, self.timings.tolist()))
 
     @staticmethod
     def _linear(linear: nn.Module) -> _Linear:
@@ -217,7 +228,8 @@ class CpuDecoder:
         rc = self._lib.heron_decoder_forward(ctypes.byref(self._kernels),
                                              ctypes.byref(self._model), ctypes.byref(batch),
                                              self._scratch.data_ptr(), out.data_ptr(),
-                                             torch.get_num_threads())
+                                             torch.get_num_threads(),
+                                             _ptr(self.timings))
         if rc:
             from heron.kernels.cpu import _ERRORS as ATTENTION_ERRORS
             raise ValueError(f"cpu decoder: {_ERRORS.get(rc) or ATTENTION_ERRORS.get(rc, rc)}")

@@ -17,6 +17,7 @@
  */
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 typedef int (*linear_fn)(const void *x, int64_t xs, const void *w, const void *bias, void *y,
                          int64_t ys, int64_t M, int64_t N, int64_t K, int dtype, int nthreads);
@@ -93,6 +94,21 @@ static int64_t row_elems(const Model *m) {
     return 3 * m->hidden + (q + 2 * kv) + q + 3 * m->intermediate;
 }
 
+/* Optional profile of a call: seconds in linears, attention and the element-wise ops. */
+enum { T_LINEAR, T_ATTENTION, T_OTHER, T_KINDS };
+static double clock_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+/* Charge the time since *last to timings[kind] (no-op without timings). */
+static void charge(double *timings, int kind, double *last) {
+    if (!timings) return;
+    const double t = clock_s();
+    timings[kind] += t - *last;
+    *last = t;
+}
+
 int64_t heron_decoder_scratch_bytes(const Model *m, int64_t num_tokens) {
     return num_tokens * row_elems(m) * esize(m);
 }
@@ -101,9 +117,10 @@ int64_t heron_decoder_scratch_bytes(const Model *m, int64_t num_tokens) {
  * Forward `b->num_tokens` tokens; writes the final normed hidden states [T, hidden] to
  * `out`. Returns 0, or a negative code: E_TOKEN / E_POSITION for an id or position out
  * of range, E_LINEAR when a linear kernel failed, or the attention kernel's own code.
+ * `timings` (NULL, or T_KINDS doubles) accumulates seconds per kind of kernel.
  */
 int heron_decoder_forward(const Kernels *k, const Model *m, const Batch *b, void *scratch,
-                          void *out, int nthreads) {
+                          void *out, int nthreads, double *timings) {
     const int64_t T = b->num_tokens, H = m->hidden, D = m->head_dim, es = esize(m);
     const int64_t q_size = m->num_heads * D, kv_size = m->num_kv_heads * D;
     const int64_t qkv_n = q_size + 2 * kv_size, I = m->intermediate;
@@ -123,6 +140,7 @@ int heron_decoder_forward(const Kernels *k, const Model *m, const Batch *b, void
     char *gu = p;       p += T * 2 * I * es;
     char *act = p;
 
+    double last = timings ? clock_s() : 0;
     for (int64_t t = 0; t < T; t++)
         memcpy(res + t * H * es, (const char *)m->embed + b->token_ids[t] * H * es, H * es);
     for (int64_t l = 0; l < m->num_layers; l++) {
@@ -132,10 +150,13 @@ int heron_decoder_forward(const Kernels *k, const Model *m, const Batch *b, void
             k->rms_norm(res, H, NULL, 0, L->input_norm, h, H, T, H, m->eps, dt, nthreads);
         else
             k->rms_norm(x, H, res, H, L->input_norm, h, H, T, H, m->eps, dt, nthreads);
+        charge(timings, T_OTHER, &last);
         if (k->linear(h, H, L->qkv.w, L->qkv.bias, qkv, qkv_n, T, qkv_n, H, dt, nthreads))
             return E_LINEAR;
+        charge(timings, T_LINEAR, &last);
         k->rotary(qkv, qkv_n, T, m->num_heads + m->num_kv_heads, D, b->positions, m->rope, dt,
                   nthreads);
+        charge(timings, T_OTHER, &last);
         int rc = k->attention(qkv, qkv_n, qkv + q_size * es, qkv_n, qkv + (q_size + kv_size) * es,
                               qkv_n, attn, L->kv_cache, m->num_blocks, b->query_start_loc,
                               b->seq_lens, b->block_tables, b->bt_stride, b->max_blocks,
@@ -143,15 +164,22 @@ int heron_decoder_forward(const Kernels *k, const Model *m, const Batch *b, void
                               (int)m->num_kv_heads, (int)D, (int)m->block_size, dt, m->scale,
                               nthreads, ATTEND_AND_WRITE);
         if (rc) return rc;
+        charge(timings, T_ATTENTION, &last);
         if (k->linear(attn, q_size, L->o.w, L->o.bias, x, H, T, H, q_size, dt, nthreads))
             return E_LINEAR;
+        charge(timings, T_LINEAR, &last);
         k->rms_norm(x, H, res, H, L->post_norm, h, H, T, H, m->eps, dt, nthreads);
+        charge(timings, T_OTHER, &last);
         if (k->linear(h, H, L->gate_up.w, L->gate_up.bias, gu, 2 * I, T, 2 * I, H, dt, nthreads))
             return E_LINEAR;
+        charge(timings, T_LINEAR, &last);
         k->silu_and_mul(gu, 2 * I, act, I, T, I, dt, nthreads);
+        charge(timings, T_OTHER, &last);
         if (k->linear(act, I, L->down.w, L->down.bias, x, H, T, H, I, dt, nthreads))
             return E_LINEAR;
+        charge(timings, T_LINEAR, &last);
     }
     k->rms_norm(x, H, res, H, m->final_norm, out, H, T, H, m->eps, dt, nthreads);
+    charge(timings, T_OTHER, &last);
     return 0;
 }
