@@ -112,8 +112,9 @@ class ModelRunner:
         rows = inputs.logits_rows()
         if not rows:
             return ModelRunnerOutput()
-        logits = self._gather_logits(
-            self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]))
+        if rows != list(range(hidden.shape[0])):   # a decode step samples every row, in order
+            hidden = hidden[torch.from_numpy(np.array(rows, dtype=np.int64)).to(self.device)]
+        logits = self._gather_logits(self.model.compute_logits(hidden))
         if logits is None:   # a rank other than 0: its shard of the logits went to rank 0
             return ModelRunnerOutput()
         return outputs_from_logits(inputs, logits, self.sampler)
