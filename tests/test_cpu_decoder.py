@@ -113,3 +113,19 @@ def test_enforce_eager_flag_reaches_the_engine():
     assert parallel_kwargs(args)["enforce_eager"] is True
     args = build_parser().parse_args(["serve"])
     assert parallel_kwargs(args)["enforce_eager"] is False
+
+
+def test_caches_in_another_layout_run_eagerly(tiny_llama):
+    """bfloat16 in blocks of one token: the attention backend keeps such caches in the
+    reference layout, so the compiled forward steps aside and generation still works."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
+    odd = LLM(tiny_llama, dtype="bfloat16", device="cpu", kv_cache_memory_bytes=1 << 24,
+              block_size=1)
+    runner = runner_of(odd)
+    assert runner.compiled is not None
+    meta = build_metadata([[0, 1]], [0], [2], 1, torch.device("cpu"))
+    assert runner.compiled(torch.tensor([1, 2]), meta, runner.kv_caches) is None
+    eager = LLM(tiny_llama, dtype="bfloat16", device="cpu", kv_cache_memory_bytes=1 << 24,
+                block_size=1, enforce_eager=True)
+    prompts = [[1, 2, 3, 4, 5]]
+    assert generations(odd, prompts, params) == generations(eager, prompts, params)

@@ -161,6 +161,7 @@ class CpuDecoder:
             _DTYPE_CODES[dtype], norm.eps, backend.scale, _ptr(inner.embed_tokens.weight),
             _ptr(norm.weight), _ptr(self._rope), self._layers)
         self._caches_key: tuple[int, ...] = ()
+        self._warned_layout = False
         self._scratch = torch.empty(0, dtype=torch.uint8)
         # Seconds spent in linears, attention and element-wise ops, when profiling.
         self.timings: torch.Tensor | None = None
@@ -181,30 +182,38 @@ class CpuDecoder:
         # Contiguity of weights and biases was established when InvariantLinear packed them.
         return _Linear(_ptr(linear.packed), _ptr(linear.bias))
 
-    def _bind_caches(self, kv_caches: list[torch.Tensor]) -> None:
-        """Point every layer at its cache (once per list of caches: the runner's stay put)."""
+    def _bind_caches(self, kv_caches: list[torch.Tensor]) -> bool:
+        """Point every layer at its cache (once per list of caches: the runner's stay put).
+        False when the caches are not in the C attention kernel's layout (e.g. bfloat16 in
+        blocks of one token, which the attention backend keeps in the reference layout)."""
         key = tuple(c.data_ptr() for c in kv_caches)
         if key == self._caches_key:
-            return
+            return True
         if len(kv_caches) != self.model.num_layers:
             raise ValueError(f"{len(kv_caches)} KV caches for {self.model.num_layers} layers")
         first = kv_caches[0]
         for cache in kv_caches:
             if cache.dtype != self.dtype or cache.shape != first.shape \
                     or not self.backend.uses_native_layout(cache) or not cache.is_contiguous():
-                raise ValueError("CpuDecoder takes contiguous KV caches in the C kernel's layout "
-                                 f"and the model dtype {self.dtype}")
+                return False
             self.backend._check_cache(cache, cache.shape[3])
         for layer, cache in zip(self._layers, kv_caches):
             layer.kv_cache = cache.data_ptr()
         self._model.num_blocks = first.shape[0]
         self._model.block_size = first.shape[3]
         self._caches_key = key
+        return True
 
     def __call__(self, input_ids: torch.Tensor, meta: AttentionMetadata,
-                 kv_caches: list[torch.Tensor]) -> torch.Tensor:
-        """Final hidden states [T, hidden] for the step's flat batch of tokens."""
-        self._bind_caches(kv_caches)
+                 kv_caches: list[torch.Tensor]) -> torch.Tensor | None:
+        """Final hidden states [T, hidden] for the step's flat batch of tokens; None when
+        these caches are not in the C kernel's layout (the runner then runs eagerly)."""
+        if not self._bind_caches(kv_caches):
+            if not self._warned_layout:
+                logger.info("forward passes run eagerly: the KV cache is not in the C "
+                            "attention kernel's layout")
+                self._warned_layout = True
+            return None
         t, n = meta.num_tokens, meta.num_seqs
         if meta.block_size != self._model.block_size:
             raise ValueError(f"metadata block size {meta.block_size}, cache block size "

@@ -80,6 +80,7 @@ class CompiledForward(Protocol):
     hidden states as the eager model, computed without Python between the layers."""
 
     def __call__(self, input_ids: torch.Tensor, meta: AttentionMetadata,
-                 kv_caches: list[torch.Tensor]) -> torch.Tensor:
+                 kv_caches: list[torch.Tensor]) -> torch.Tensor | None:
         """input_ids int64 [T], the step's metadata (positions included), one KV cache per
-        layer -> final hidden states [T, hidden]; stores the step's keys and values."""
+        layer -> final hidden states [T, hidden]; stores the step's keys and values. None
+        (before touching anything) hands this call to the eager model."""

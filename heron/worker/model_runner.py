@@ -124,7 +124,9 @@ class ModelRunner:
         """Final hidden states of the step: the platform's compiled forward when there is
         one, else the model's layers called from Python."""
         if self.compiled is not None:
-            return self.compiled(input_ids, meta, kv_caches)
+            hidden = self.compiled(input_ids, meta, kv_caches)
+            if hidden is not None:
+                return hidden
         with set_forward_context(ForwardContext(meta, kv_caches, self.backend, self.layer_ops)):
             return self.model(input_ids, meta.positions)
 
