@@ -33,6 +33,9 @@ class ModelConfig:
     seed: int = 0
     trust_remote_code: bool = False
     served_model_name: str | None = None
+    # True: every forward pass runs layer by layer from Python, even where the platform
+    # offers a compiled or captured one (Capabilities.graph_capture). vLLM's name.
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         self.dtype = normalize_dtype(self.dtype)

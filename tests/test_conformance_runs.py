@@ -30,6 +30,8 @@ def test_conformance_suite_passes_for_cpu(tmp_path):
     # cpu declares every invariance in float32 and bfloat16: those checks ran, none skipped
     skipped = [line for line in result.stdout.splitlines() if "does not declare" in line]
     assert skipped and all(" in float16" in line for line in skipped), skipped
+    # and its compiled forward (graph_capture) was compared with the eager one
+    assert "declares no graph_capture" not in result.stdout
 
 
 def test_conformance_suite_reports_an_unavailable_device(tmp_path):

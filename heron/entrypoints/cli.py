@@ -40,7 +40,7 @@ def _add_speculative_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
-    """vLLM's distributed flags, shared by `generate` and `serve`."""
+    """vLLM's distributed and execution flags, shared by `generate` and `serve`."""
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                         help="ranks to split the model over (default 1)")
     parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
@@ -50,6 +50,9 @@ def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
                         help="how ranks run: uni (this process), mp (a process per rank on "
                              "this host, the default for several ranks) or ray (Ray actors, "
                              "on the nodes of a Ray cluster)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="run forward passes layer by layer from Python, never the "
+                             "platform's compiled forward (for debugging and comparison)")
 
 
 def parallel_kwargs(args: argparse.Namespace) -> dict[str, object]:
@@ -57,7 +60,8 @@ def parallel_kwargs(args: argparse.Namespace) -> dict[str, object]:
     `args` without them)."""
     return {"tensor_parallel_size": getattr(args, "tensor_parallel_size", 1),
             "pipeline_parallel_size": getattr(args, "pipeline_parallel_size", 1),
-            "distributed_executor_backend": getattr(args, "distributed_executor_backend", None)}
+            "distributed_executor_backend": getattr(args, "distributed_executor_backend", None),
+            "enforce_eager": getattr(args, "enforce_eager", False)}
 
 
 def _generate(args: argparse.Namespace) -> int:

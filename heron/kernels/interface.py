@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 
@@ -73,3 +73,14 @@ class AttentionBackend(ABC):
 
         Stores key/value at `meta.slot_mapping`, then returns [T, num_heads, head_size].
         """
+
+
+class CompiledForward(Protocol):
+    """A platform's whole-model forward pass (`Platform.compiled_forward`): the same final
+    hidden states as the eager model, computed without Python between the layers."""
+
+    def __call__(self, input_ids: torch.Tensor, meta: AttentionMetadata,
+                 kv_caches: list[torch.Tensor]) -> torch.Tensor | None:
+        """input_ids int64 [T], the step's metadata (positions included), one KV cache per
+        layer -> final hidden states [T, hidden]; stores the step's keys and values. None
+        (before touching anything) hands this call to the eager model."""

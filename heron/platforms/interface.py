@@ -4,7 +4,7 @@ A plugin subclasses `Platform` once and registers an instance through the
 `register_platforms` hook. The core never asks a platform "do you support X?"
 through ad-hoc methods: it reads the frozen `Capabilities`, asks `validate()`
 for reasons to refuse a configuration, and otherwise calls the members below
-(eighteen in all). Nothing here imports torch at module level: `detect()` and
+(nineteen in all). Nothing here imports torch at module level: `detect()` and
 `heron platforms` must stay cheap; nor anything of heron's worker or executors:
 dependencies run one way, from the executors to this contract. The worker side of
 the contract (what an executor calls, what a model runner provides) is written down
@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # heavy imports stay out of detection
 
     from heron.config import EngineConfig
     from heron.distributed import TensorParallelGroup
-    from heron.kernels.interface import AttentionBackend
+    from heron.kernels.interface import AttentionBackend, CompiledForward
     from heron.kernels.layer_ops import LayerOps
 
 
@@ -71,6 +71,9 @@ class Capabilities:
     bit the same, in each of the `invariant_dtypes` (in its default settings, one rank);
     the conformance suite checks every one declared. Declaring none is honest for a
     platform whose kernels' results depend on the batch shape.
+    `graph_capture` says that `compiled_forward` may return a compiled, captured or
+    fused forward pass (a C layer loop, CUDA graphs, torch.compile ...) that computes
+    what the eager model computes; the conformance suite compares the two.
     `speculative_decoding` says whether the platform verifies proposals (several
     tentative tokens per request in one step, logits at each of them) and runs a draft
     model; `validate()` refuses a `speculative_config` when False.
@@ -82,6 +85,7 @@ class Capabilities:
     block_sizes: frozenset[int] = frozenset()
     invariances: frozenset[Invariance] = frozenset()
     invariant_dtypes: frozenset[str] = frozenset()
+    graph_capture: bool = False
     speculative_decoding: bool = True
 
     @property
@@ -239,6 +243,18 @@ class Platform(ABC):
         """Called once after weights load: a platform may repack weights for its kernels
         (never change what the model computes). Returns the model to run."""
         return model
+
+    def compiled_forward(self, model: "torch.nn.Module", attention: "AttentionBackend",
+                         dtype: "torch.dtype") -> "CompiledForward | None":
+        """A faster whole-model forward pass for `model` (prepared by `prepare_model`, on one
+        rank), or None, the default: the runner calls the model's layers from Python.
+
+        Called once per model runner after the model loads, unless `enforce_eager`. The
+        result is called as `forward(input_ids, meta, kv_caches)` and returns the final
+        hidden states [T, hidden], exactly those of `model(input_ids, meta.positions)`
+        under the same forward context (heron/kernels/interface.py, CompiledForward).
+        Only a platform whose capabilities declare `graph_capture` returns one."""
+        return None
 
     def layer_ops(self, dtype: "torch.dtype") -> "LayerOps":
         """Fused element-wise ops (RMSNorm, rotary, SiLU-and-mul) for models on this platform;

@@ -16,6 +16,7 @@ from heron.config import EngineConfig
 from heron.core.scheduler import ModelRunnerOutput, SchedulerOutput
 from heron.distributed import TensorParallelGroup
 from heron.forward_context import ForwardContext, set_forward_context
+from heron.kernels.interface import AttentionMetadata
 from heron.logger import get_logger
 from heron.models.loader import load_model
 from heron.platforms.interface import Platform
@@ -51,6 +52,11 @@ class ModelRunner:
         self.backend = backend_cls(self.num_heads, self.num_kv_heads, self.head_size,
                                    self.head_size ** -0.5)
         self.layer_ops = platform.layer_ops(self.dtype)
+        # The platform's compiled forward pass, when it offers one for this model on one rank.
+        self.compiled = None
+        if not config.model.enforce_eager and self.group.world_size == 1 \
+                and platform.capabilities.graph_capture:
+            self.compiled = platform.compiled_forward(self.model, self.backend, self.dtype)
         self.sampler = Sampler(self.device, config.model.seed)
         self.kv_caches: list[torch.Tensor] = []
         self.drafter = make_drafter(config, platform, self.device, self.vocab_size)
@@ -98,8 +104,7 @@ class ModelRunner:
                               device=self.device) for _ in range(self.num_layers)]
         ids = torch.zeros(meta.num_tokens, dtype=torch.long, device=self.device)
         start = time.perf_counter()
-        with set_forward_context(ForwardContext(meta, caches, self.backend, self.layer_ops)):
-            hidden = self.model(ids, meta.positions)
+        hidden = self._forward(ids, meta, caches)
         self._gather_logits(self.model.compute_logits(hidden[-1:]))
         return time.perf_counter() - start
 
@@ -113,19 +118,29 @@ class ModelRunner:
         proposals = self.drafter.propose(sched, self.sampler) if self.drafter else {}
         inputs = prepare_inputs(sched, self.block_size, self.device,
                                 {rid: p.token_ids for rid, p in proposals.items()})
-        with set_forward_context(ForwardContext(inputs.meta, self.kv_caches, self.backend,
-                                                   self.layer_ops)):
-            hidden = self.model(inputs.input_ids, inputs.positions)
+        hidden = self._forward(inputs.input_ids, inputs.meta, self.kv_caches)
         rows = inputs.logits_rows()
         if not rows:
             return ModelRunnerOutput()
-        logits = self._gather_logits(
-            self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]))
+        if rows != list(range(hidden.shape[0])):   # a decode step samples every row, in order
+            hidden = hidden[torch.from_numpy(np.array(rows, dtype=np.int64)).to(self.device)]
+        logits = self._gather_logits(self.model.compute_logits(hidden))
         if logits is None:   # a rank other than 0: its shard of the logits went to rank 0
             return ModelRunnerOutput()
         return outputs_from_logits(inputs, logits, self.sampler,
                                    {rid: p.probs for rid, p in proposals.items()
                                     if p.probs is not None})
+
+    def _forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
+                 kv_caches: list[torch.Tensor]) -> torch.Tensor:
+        """Final hidden states of the step: the platform's compiled forward when there is
+        one, else the model's layers called from Python."""
+        if self.compiled is not None:
+            hidden = self.compiled(input_ids, meta, kv_caches)
+            if hidden is not None:
+                return hidden
+        with set_forward_context(ForwardContext(meta, kv_caches, self.backend, self.layer_ops)):
+            return self.model(input_ids, meta.positions)
 
     def _gather_logits(self, logits: torch.Tensor) -> torch.Tensor | None:
         """The whole vocabulary's logits on rank 0 (None elsewhere); the identity on one rank."""

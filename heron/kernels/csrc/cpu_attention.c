@@ -361,14 +361,15 @@ INLINE void qk_rows(const Ctx *c, Item *it, const int BF16, int seg0, int col0, 
 
 /* Scores of every head's rows for one segment of the nkeys keys of an item,
  * block by block and head by head: the cache's own order. */
-static void qk_segment(const Ctx *c, Item *heads, int seg0, int seg_n, int nkeys) {
+static void qk_segment(const Ctx *c, Item *heads, int h0, int h1, int seg0, int seg_n,
+                       int nkeys) {
     const int B = c->B;
-    const int32_t *btab = heads[0].btab;
+    const int32_t *btab = heads[h0].btab;
     for (int col0 = 0; col0 < seg_n;) {
         const int b = (seg0 + col0) / B;
         int col1 = (b + 1) * B - seg0;
         if (col1 > seg_n) col1 = seg_n;
-        for (int h = 0; h < c->Hk; h++) {
+        for (int h = h0; h < h1; h++) {
             const char *pfk = (b + PF_AHEAD) * B < nkeys ? kslab(c, btab[b + PF_AHEAD], h) : NULL;
             const char *pfv = vslab(c, btab[b], h);
             if (c->dtype == DT_BF16) qk_rows(c, &heads[h], 1, seg0, col0, col1, pfk, pfv);
@@ -492,16 +493,18 @@ INLINE void pv_rows(const Ctx *c, Item *it, const int BF16, int seg0, int seg_n)
     }
 }
 
-/* Attention of query tokens tok0..tok0+ntok-1 (flat rows) of one sequence, all
- * heads: heads[h] views the rows of kv head h's query heads (ntok * G rows in
- * token order), and the scratch of base, cut into Hk parts. */
-static void attend_item(const Ctx *c, const Item *base, Item *heads, int seq, int tok0, int ntok) {
+/* Attention of query tokens tok0..tok0+ntok-1 (flat rows) of one sequence, kv heads
+ * h0..h1-1 and their query heads: heads[h] views the rows of kv head h's query heads
+ * (ntok * G rows in token order), and the scratch of base, cut into Hk parts. Each
+ * head's arithmetic is the same whichever other heads share the item. */
+static void attend_item(const Ctx *c, const Item *base, Item *heads, int seq, int tok0, int ntok,
+                        int h0, int h1) {
     const int D = c->D, G = c->G, R = ntok * G;
     const int qlen = c->qsl[seq + 1] - c->qsl[seq];
     const int first_pos = c->seq_lens[seq] - qlen + (tok0 - c->qsl[seq]);
     for (int ti = 0; ti < ntok; ti++)
         for (int g = 0; g < G; g++) base->pos[ti * G + g] = first_pos + ti;
-    for (int h = 0; h < c->Hk; h++) {
+    for (int h = h0; h < h1; h++) {
         Item *it = &heads[h];
         const int64_t r0 = (int64_t)h * R;
         *it = (Item){
@@ -530,20 +533,20 @@ static void attend_item(const Ctx *c, const Item *base, Item *heads, int seq, in
         }
     }
     const int nkeys = first_pos + ntok;               /* keys visible to the last row */
-    for (int h = 0; h < c->Hk; h++) {                 /* later blocks are prefetched in qk_tile */
-        const char *ks = kslab(c, heads[0].btab[0], h);
+    for (int h = h0; h < h1; h++) {                 /* later blocks are prefetched in qk_tile */
+        const char *ks = kslab(c, heads[h0].btab[0], h);
         for (int64_t i = 0; i < (int64_t)c->B * D * c->esz; i += 64) PREFETCH(ks + i);
     }
     for (int seg0 = 0; seg0 < nkeys; seg0 += SEG) {
         int seg_n = nkeys - seg0 < SEG ? nkeys - seg0 : SEG;
-        qk_segment(c, heads, seg0, seg_n, nkeys);
-        for (int h = 0; h < c->Hk; h++) {
+        qk_segment(c, heads, h0, h1, seg0, seg_n, nkeys);
+        for (int h = h0; h < h1; h++) {
             softmax_segment(&heads[h], seg_n);
             if (c->dtype == DT_BF16) pv_rows(c, &heads[h], 1, seg0, seg_n);
             else pv_rows(c, &heads[h], 0, seg0, seg_n);
         }
     }
-    for (int h = 0; h < c->Hk; h++) {
+    for (int h = h0; h < h1; h++) {
         const Item *it = &heads[h];
         for (int r = 0; r < R; r++) {
             float inv = 1.0f / it->l[r];
@@ -612,12 +615,13 @@ static int thread_scratch(Item *base, Item **heads, int rows, int D, int Hk) {
     return 1;
 }
 
-typedef struct { int seq, tok0, ntok; int64_t cost; } WorkItem;
+typedef struct { int seq, tok0, ntok, h0, h1; int64_t cost; } WorkItem;
 
 static int by_cost_desc(const void *a, const void *b) {
     const WorkItem *x = a, *y = b;
     if (x->cost != y->cost) return x->cost < y->cost ? 1 : -1;
-    return x->tok0 < y->tok0 ? -1 : x->tok0 > y->tok0;
+    if (x->tok0 != y->tok0) return x->tok0 < y->tok0 ? -1 : 1;
+    return x->h0 < y->h0 ? -1 : x->h0 > y->h0;
 }
 
 static int validate(const int32_t *qsl, const int32_t *seq_lens, const int32_t *btab,
@@ -678,6 +682,11 @@ int heron_attention(const void *q, int64_t q_stride, const void *k, int64_t k_st
         nitems += (qlen + ntile - 1) / ntile;
         if (qlen > max_nt) max_nt = qlen < ntile ? qlen : ntile;
     }
+    /* fewer items than threads (a decode step of one or two sequences): split the kv
+     * heads too, so that every thread has work */
+    const int hsplit = nitems >= num_threads ? 1 : (num_kv_heads < num_threads ? num_kv_heads
+                                                                               : num_threads);
+    nitems *= hsplit;
     WorkItem *items = malloc(sizeof(WorkItem) * (nitems > 0 ? nitems : 1));
     if (!items) return E_NOMEM;
     int64_t n = 0;
@@ -685,7 +694,11 @@ int heron_attention(const void *q, int64_t q_stride, const void *k, int64_t k_st
         int start = query_start_loc[s], qlen = query_start_loc[s + 1] - start;
         for (int t = 0; t < qlen; t += ntile) {
             int nt = qlen - t < ntile ? qlen - t : ntile;
-            items[n++] = (WorkItem){s, start + t, nt, (int64_t)(seq_lens[s] - qlen + t + nt) * nt};
+            for (int g = 0; g < hsplit; g++) {
+                const int h0 = num_kv_heads * g / hsplit, h1 = num_kv_heads * (g + 1) / hsplit;
+                items[n++] = (WorkItem){s, start + t, nt, h0, h1,
+                                        (int64_t)(seq_lens[s] - qlen + t + nt) * nt * (h1 - h0)};
+            }
         }
     }
     /* longest first balances the threads; the order never changes any result */
@@ -709,7 +722,8 @@ int heron_attention(const void *q, int64_t q_stride, const void *k, int64_t k_st
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < nitems; i++)
-            if (base.S) attend_item(&c, &base, heads, items[i].seq, items[i].tok0, items[i].ntok);
+            if (base.S) attend_item(&c, &base, heads, items[i].seq, items[i].tok0, items[i].ntok,
+                                    items[i].h0, items[i].h1);
     }
     free(items);
     return nomem ? E_NOMEM : 0;

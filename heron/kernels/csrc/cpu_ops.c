@@ -13,6 +13,10 @@
  * dtype codes: 0 float32, 1 bfloat16. Tensors are row-major with the given row
  * strides (in elements); the Python side (heron/kernels/cpu_ops.py) checks them.
  */
+/* Without this gcc keeps every float compare as a branch (it might trap) and none of the
+ * loops below vectorizes: SiLU-and-mul over 1536 bfloat16s measured 21 us instead of 2.
+ * It changes no value, only what the compiler may assume about floating-point traps. */
+#pragma GCC optimize("no-trapping-math")
 #include <stdint.h>
 #include <string.h>
 #include <math.h>

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import torch
 
     from heron.config import EngineConfig
-    from heron.kernels.interface import AttentionBackend
+    from heron.kernels.interface import AttentionBackend, CompiledForward
     from heron.kernels.layer_ops import LayerOps
 
 
@@ -45,7 +45,7 @@ class CpuPlatform(Platform):
                             prefix_caching=True, chunked_prefill=True, tensor_parallel=True,
                             invariances=ALL_INVARIANCES if invariant else frozenset(),
                             invariant_dtypes=frozenset({"float32", "bfloat16"}) if invariant
-                            else frozenset())
+                            else frozenset(), graph_capture=True)
 
     def detect(self) -> Detection:
         return Detection(True, f"{os.cpu_count()} CPU cores")
@@ -88,6 +88,13 @@ class CpuPlatform(Platform):
         if packing_available(dtype):
             replace_linear_layers(model, PackedLinear, dtype)
         return model
+
+    def compiled_forward(self, model: "torch.nn.Module", attention: "AttentionBackend",
+                         dtype: "torch.dtype") -> "CompiledForward | None":
+        """The whole decoder in one C call (csrc/cpu_decoder.c) for Llama-family models on
+        heron's invariant linears and C attention; None (logged) otherwise."""
+        from heron.kernels.cpu_decoder import build_cpu_decoder
+        return build_cpu_decoder(model, attention, dtype)
 
     def layer_ops(self, dtype: "torch.dtype") -> "LayerOps":
         """The C fused ops (csrc/cpu_ops.c) when they build here, else plain torch."""

@@ -77,6 +77,11 @@ class DraftModelProposer:
         self.backend = backend_cls(num_heads, self.num_kv_heads, self.head_size,
                                    self.head_size ** -0.5)
         self.layer_ops = platform.layer_ops(self.dtype)
+        # The platform's compiled forward, as for the target: the draft's k single-token
+        # passes per step are where it pays most.
+        self.compiled = None
+        if not config.model.enforce_eager and platform.capabilities.graph_capture:
+            self.compiled = platform.compiled_forward(self.model, self.backend, self.dtype)
         self.kv_caches: list[torch.Tensor] = []
         # Positions of each request whose draft KV is valid (the known tokens computed).
         self._num_computed: dict[str, int] = {}
@@ -142,9 +147,11 @@ class DraftModelProposer:
                               self.device)
         ids = torch.tensor([t for chunk in token_ids for t in chunk], dtype=torch.long,
                            device=self.device)
-        with set_forward_context(ForwardContext(meta, self.kv_caches, self.backend,
-                                                self.layer_ops)):
-            hidden = self.model(ids, meta.positions)
+        hidden = self.compiled(ids, meta, self.kv_caches) if self.compiled is not None else None
+        if hidden is None:   # no compiled forward, or it handed this step back
+            with set_forward_context(ForwardContext(meta, self.kv_caches, self.backend,
+                                                    self.layer_ops)):
+                hidden = self.model(ids, meta.positions)
         if not logits_rows:
             return torch.empty(0)
         logits = self.model.compute_logits(hidden[torch.tensor(logits_rows, device=self.device)])
