@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--no-prefix-caching", action="store_true")
+    ap.add_argument("--speculative-config", type=json.loads, default=None,
+                    help='vLLM\'s JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
     ap.add_argument("--enforce-eager", action="store_true",
                     help="the layers from Python, not the platform's compiled forward")
     a = ap.parse_args()
@@ -67,7 +69,8 @@ def main() -> None:
     reqs = load_workload(a.anchors, a.workload)
     llm = LLM(a.model, dtype=a.dtype, max_model_len=a.max_model_len,
               max_num_batched_tokens=a.max_num_batched_tokens, max_num_seqs=a.max_num_seqs,
-              enable_prefix_caching=not a.no_prefix_caching, enforce_eager=a.enforce_eager)
+              enable_prefix_caching=not a.no_prefix_caching, enforce_eager=a.enforce_eager,
+              speculative_config=a.speculative_config)
     engine = llm.llm_engine
     params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
     llm.generate([r.prompt for r in reqs[:2]], params[:2], use_tqdm=False)  # warm-up
@@ -86,7 +89,8 @@ def main() -> None:
     generated = sum(len(o.outputs[0].token_ids) for o in outputs.values())
     prompt = sum(len(o.prompt_token_ids) for o in outputs.values())
     print(json.dumps({
-        "engine": "heron" + (" eager" if a.enforce_eager else ""), "workload": a.workload, "requests": len(reqs), "threads": torch.get_num_threads(),
+        "engine": "heron" + (" eager" if a.enforce_eager else "")
+                  + (" speculative" if a.speculative_config else ""), "workload": a.workload, "requests": len(reqs), "threads": torch.get_num_threads(),
         "prompt_tokens": prompt, "generated_tokens": generated, "seconds": round(seconds, 3),
         "generated_tok_per_s": round(generated / seconds, 1),
         "total_tok_per_s": round((generated + prompt) / seconds, 1),
