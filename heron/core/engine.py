@@ -63,7 +63,7 @@ class LLMEngine:
             raise ValueError(f"platform {self.platform.name!r} cannot run this configuration: "
                              + "; ".join(reasons))
         self.config = config = self.platform.complete_config(config)
-        model_path = config.model.model or _default_model_path()
+        model_path = _model_folder(config.model.model)
         self.model_path = model_path
         _check_model_split(config, model_path)
         self.tokenizer = load_tokenizer(config.model.tokenizer or model_path)
@@ -334,6 +334,15 @@ def _describe_parallel(config: EngineConfig) -> str:
         return ""
     return (f", tensor parallel {parallel.tensor_parallel_size} "
             f"({parallel.executor_backend} executor)")
+
+
+def _model_folder(model: str | None) -> str:
+    """The Hugging Face folder to run: the model's own, the embedded default's, or for a
+    GGUF file its dequantized conversion."""
+    if model is None:
+        return _default_model_path()
+    from heron.models.gguf_file import gguf_model_folder, is_gguf_file
+    return gguf_model_folder(model) if is_gguf_file(model) else model
 
 
 def _default_model_path() -> str:

@@ -81,20 +81,22 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: Path) -> None:
-    """Record the sha256 of every file in `folder` (and the source's) in its manifest."""
+def write_manifest(folder: Path, source: str = GGUF_NAME, source_key: str = GGUF_SHA256) -> None:
+    """Record the sha256 of every file in `folder`, and what it was made from, in its
+    manifest (`source_key`: the source's sha256, or another key that identifies it)."""
     files = {p.relative_to(folder).as_posix(): sha256_file(p)
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
-    manifest = {"source": GGUF_NAME, "source_sha256": GGUF_SHA256, "files": files}
+    manifest = {"source": source, "source_sha256": source_key, "files": files}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
 
 
-def verify_manifest(folder: Path) -> bool:
-    """True when `folder` holds a complete conversion of the pinned GGUF, byte for byte."""
+def verify_manifest(folder: Path, source_key: str = GGUF_SHA256) -> bool:
+    """True when `folder` holds a complete conversion of that source (by default the
+    pinned GGUF of the embedded model), byte for byte."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
         files: dict[str, str] = manifest["files"]
-        if manifest.get("source_sha256") != GGUF_SHA256 or "config.json" not in files \
+        if manifest.get("source_sha256") != source_key or "config.json" not in files \
                 or not any(name.endswith(".safetensors") for name in files):
             return False
         key = (str(folder), tuple((n, (folder / n).stat().st_size, (folder / n).stat().st_mtime_ns)
@@ -116,32 +118,33 @@ def _check_converter_dependencies() -> None:
                                 f"; run `pip install gguf accelerate`")
 
 
-def _convert_atomically(gguf: Path, target: Path) -> None:
+def _convert_atomically(gguf: Path, target: Path, source_key: str = GGUF_SHA256) -> None:
     """Convert into a temporary sibling of `target`, then rename it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         convert_gguf(gguf, tmp)
-        write_manifest(tmp)
+        write_manifest(tmp, gguf.name, source_key)
         tmp.chmod(0o755)   # mkdtemp makes it private; the cache may be shared
         if target.exists():
             # A stale or damaged folder: move it aside first, since a directory
             # cannot be renamed over a non-empty one.
-            stale = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.stale-", dir=target.parent))
+            stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
             os.replace(target, stale / "old")
             shutil.rmtree(stale, ignore_errors=True)
         try:
             os.replace(tmp, target)
         except OSError:
             # Another process finished the same conversion first; theirs is as good.
-            if not verify_manifest(target):
+            if not verify_manifest(target, source_key):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantise a Llama GGUF file into a bfloat16 Hugging Face folder at `out`."""
+    """Dequantise a GGUF file (an architecture transformers reads: Llama, Mistral, Qwen2 ...)
+    into a bfloat16 Hugging Face folder at `out`, tokenizer and chat template included."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -169,5 +172,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         save_kwargs["safe_serialization"] = True   # 4.x; 5.x always writes safetensors
     model.save_pretrained(str(out), **save_kwargs)
     tokenizer.save_pretrained(str(out))
-    if not tokenizer.chat_template or not AutoTokenizer.from_pretrained(str(out)).chat_template:
+    if gguf.name == GGUF_NAME and not tokenizer.chat_template:
+        raise DefaultModelError(f"{gguf.name} has no chat template")
+    if tokenizer.chat_template and not AutoTokenizer.from_pretrained(str(out)).chat_template:
         raise DefaultModelError(f"the chat template of {gguf.name} was lost in the conversion")
