@@ -129,3 +129,40 @@ def test_caches_in_another_layout_run_eagerly(tiny_llama):
                 block_size=1, enforce_eager=True)
     prompts = [[1, 2, 3, 4, 5]]
     assert generations(odd, prompts, params) == generations(eager, prompts, params)
+
+
+def test_models_that_change_a_layer_run_eagerly(tiny_llama):
+    """The C loop hard-codes heron's Llama layers: a subclass that only loads weights
+    differently keeps it, one whose layers compute something else does not."""
+    from heron.kernels.cpu_decoder import why_not_compiled
+    from heron.models.llama import LlamaForCausalLM, LlamaMLP
+
+    llm = LLM(tiny_llama, dtype="float32", device="cpu", kv_cache_memory_bytes=1 << 24)
+    runner = runner_of(llm)
+    model = runner.model
+    assert why_not_compiled(model, runner.backend, runner.dtype) is None
+
+    class LoadsDifferently(LlamaForCausalLM):
+        def load_weights(self, weights):
+            super().load_weights(weights)
+
+    class OwnForward(LlamaForCausalLM):
+        def forward(self, input_ids, positions):
+            return super().forward(input_ids, positions) * 2
+
+    class OtherMLP(LlamaMLP):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    original_cls, original_mlp_cls = type(model), type(model.model.layers[0].mlp)
+    try:
+        model.__class__ = LoadsDifferently
+        assert why_not_compiled(model, runner.backend, runner.dtype) is None
+        model.__class__ = OwnForward
+        assert "overrides forward" in why_not_compiled(model, runner.backend, runner.dtype)
+        model.__class__ = original_cls
+        model.model.layers[0].mlp.__class__ = OtherMLP
+        assert "OtherMLP" in why_not_compiled(model, runner.backend, runner.dtype)
+    finally:
+        model.__class__ = original_cls
+        model.model.layers[0].mlp.__class__ = original_mlp_cls

@@ -91,9 +91,9 @@ def why_not_compiled(model: nn.Module, backend: AttentionBackend,
     """Why `CpuDecoder` cannot run this model (None: it can)."""
     from heron.kernels.cpu import CpuAttention
     from heron.kernels.cpu_linear import InvariantLinear
-    from heron.models.llama import LlamaForCausalLM
-    if not isinstance(model, LlamaForCausalLM):
-        return f"{type(model).__name__} is not a Llama-family model"
+    why = _not_heron_llama(model)
+    if why is not None:
+        return why
     if dtype not in _DTYPE_CODES:
         return f"{dtype} runs on torch's kernels"
     if not isinstance(backend, CpuAttention) or backend._lib is None:
@@ -108,6 +108,32 @@ def why_not_compiled(model: nn.Module, backend: AttentionBackend,
                        "(HERON_BATCH_INVARIANT=0, or the model is split over ranks)"
     if type(model.model.embed_tokens) is not nn.Embedding:
         return "the embedding is sharded"
+    return None
+
+
+def _not_heron_llama(model: nn.Module) -> str | None:
+    """Why `model` may compute something other than heron's Llama layers (None: it cannot).
+
+    The C loop hard-codes those layers. A subclass that only changes how weights load
+    (as the example plugin's architecture does) is fine; one that overrides a forward,
+    or swaps a layer for another module, runs eagerly."""
+    from heron.models.layers import Attention, RMSNorm
+    from heron.models.llama import (LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM,
+                                    LlamaMLP, LlamaModel)
+    if not isinstance(model, LlamaForCausalLM):
+        return f"{type(model).__name__} is not a Llama-family model"
+    for method in ("forward", "compute_logits"):
+        if getattr(type(model), method) is not getattr(LlamaForCausalLM, method):
+            return f"{type(model).__name__} overrides {method}"
+    inner = model.model
+    modules = [(inner, LlamaModel), (inner.norm, RMSNorm)]
+    for layer in inner.layers:
+        modules += [(layer, LlamaDecoderLayer), (layer.self_attn, LlamaAttention),
+                    (layer.self_attn.attn, Attention), (layer.mlp, LlamaMLP),
+                    (layer.input_layernorm, RMSNorm), (layer.post_attention_layernorm, RMSNorm)]
+    for module, expected in modules:
+        if type(module) is not expected:
+            return f"{type(module).__name__} stands where heron's {expected.__name__} should"
     return None
 
 
