@@ -15,11 +15,11 @@ import torch
 from heron.config import EngineConfig
 from heron.core.scheduler import ModelRunnerOutput, SchedulerOutput
 from heron.distributed import TensorParallelGroup
-from heron.forward_context import ForwardContext, set_forward_context
 from heron.kernels.interface import AttentionMetadata
 from heron.logger import get_logger
 from heron.models.loader import load_model
 from heron.platforms.interface import Platform
+from heron.worker.forward import choose_compiled_forward, forward_pass
 from heron.worker.sampler import Sampler
 from heron.worker.spec_decode.draft_model import make_drafter
 from heron.worker.step_inputs import outputs_from_logits, prepare_inputs, profile_metadata
@@ -53,10 +53,8 @@ class ModelRunner:
                                    self.head_size ** -0.5)
         self.layer_ops = platform.layer_ops(self.dtype)
         # The platform's compiled forward pass, when it offers one for this model on one rank.
-        self.compiled = None
-        if not config.model.enforce_eager and self.group.world_size == 1 \
-                and platform.capabilities.graph_capture:
-            self.compiled = platform.compiled_forward(self.model, self.backend, self.dtype)
+        self.compiled = None if self.group.world_size > 1 else choose_compiled_forward(
+            platform, self.model, self.backend, self.dtype, config.model.enforce_eager)
         self.sampler = Sampler(self.device, config.model.seed)
         self.kv_caches: list[torch.Tensor] = []
         self.drafter = make_drafter(config, platform, self.device, self.vocab_size)
@@ -135,12 +133,8 @@ class ModelRunner:
                  kv_caches: list[torch.Tensor]) -> torch.Tensor:
         """Final hidden states of the step: the platform's compiled forward when there is
         one, else the model's layers called from Python."""
-        if self.compiled is not None:
-            hidden = self.compiled(input_ids, meta, kv_caches)
-            if hidden is not None:
-                return hidden
-        with set_forward_context(ForwardContext(meta, kv_caches, self.backend, self.layer_ops)):
-            return self.model(input_ids, meta.positions)
+        return forward_pass(self.compiled, self.model, input_ids, meta, kv_caches, self.backend,
+                            self.layer_ops)
 
     def _gather_logits(self, logits: torch.Tensor) -> torch.Tensor | None:
         """The whole vocabulary's logits on rank 0 (None elsewhere); the identity on one rank."""

@@ -20,10 +20,10 @@ import torch
 
 from heron.config import EngineConfig
 from heron.core.scheduler import ScheduledRequest, SchedulerOutput
-from heron.forward_context import ForwardContext, set_forward_context
 from heron.logger import get_logger
 from heron.models.loader import load_model
 from heron.platforms.interface import Platform
+from heron.worker.forward import choose_compiled_forward, forward_pass
 from heron.worker.sampler import Sampler, sampling_probs
 from heron.worker.spec_decode.rejection_sampler import sample_from
 from heron.worker.step_inputs import build_metadata
@@ -79,9 +79,8 @@ class DraftModelProposer:
         self.layer_ops = platform.layer_ops(self.dtype)
         # The platform's compiled forward, as for the target: the draft's k single-token
         # passes per step are where it pays most.
-        self.compiled = None
-        if not config.model.enforce_eager and platform.capabilities.graph_capture:
-            self.compiled = platform.compiled_forward(self.model, self.backend, self.dtype)
+        self.compiled = choose_compiled_forward(platform, self.model, self.backend, self.dtype,
+                                                config.model.enforce_eager)
         self.kv_caches: list[torch.Tensor] = []
         # Positions of each request whose draft KV is valid (the known tokens computed).
         self._num_computed: dict[str, int] = {}
@@ -145,16 +144,14 @@ class DraftModelProposer:
                  logits_rows: list[int]) -> torch.Tensor:
         meta = build_metadata(block_ids, starts, [len(t) for t in token_ids], self.block_size,
                               self.device)
-        ids = torch.tensor([t for chunk in token_ids for t in chunk], dtype=torch.long,
-                           device=self.device)
-        hidden = self.compiled(ids, meta, self.kv_caches) if self.compiled is not None else None
-        if hidden is None:   # no compiled forward, or it handed this step back
-            with set_forward_context(ForwardContext(meta, self.kv_caches, self.backend,
-                                                    self.layer_ops)):
-                hidden = self.model(ids, meta.positions)
+        ids = torch.from_numpy(np.array([t for chunk in token_ids for t in chunk],
+                                        dtype=np.int64)).to(self.device)
+        hidden = forward_pass(self.compiled, self.model, ids, meta, self.kv_caches, self.backend,
+                              self.layer_ops)
         if not logits_rows:
             return torch.empty(0)
-        logits = self.model.compute_logits(hidden[torch.tensor(logits_rows, device=self.device)])
+        rows = torch.from_numpy(np.array(logits_rows, dtype=np.int64)).to(self.device)
+        logits = self.model.compute_logits(hidden[rows])
         return self._to_target_vocab(logits.float())
 
     def _to_target_vocab(self, logits: torch.Tensor) -> torch.Tensor:
