@@ -15,6 +15,7 @@ from torch import nn
 
 from heron.models.layers import Attention, RMSNorm, RotaryEmbedding, RotaryInputs, \
     rope_parameters, silu_and_mul
+from heron.quantization import QuantizedLinear, QuantizedTensor
 
 
 def _head_dim(cfg: Any) -> int:
@@ -156,9 +157,12 @@ class LlamaForCausalLM(nn.Module):
         # A module call, not its .weight: a platform may have swapped in a prepacked linear.
         return self.lm_head(hidden).float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedTensor]]) -> None:
         """Copy HF-named tensors into this model, fusing q/k/v and gate/up on the fly.
 
+        A QuantizedTensor for a linear layer's weight turns that layer into a
+        QuantizedLinear (the platform then runs or dequantizes it); a quantized
+        embedding is dequantized for lookups and, when tied, kept quantized as the head.
         Raises ValueError on an unknown name, a shape mismatch, or a parameter
         that no tensor filled.
         """
@@ -176,10 +180,13 @@ class LlamaForCausalLM(nn.Module):
                 unexpected.append(name)
                 continue
             dst = params[target].data if rows is None else params[target].data[rows]
-            if dst.shape != tensor.shape:
+            if tuple(dst.shape) != tuple(tensor.shape):
                 raise ValueError(f"weight {name} has shape {tuple(tensor.shape)} but the model "
                                  f"built from config.json expects {tuple(dst.shape)}")
-            dst.copy_(tensor)
+            if isinstance(tensor, QuantizedTensor):
+                self._load_quantized(name, target, tensor, dst)
+            else:
+                dst.copy_(tensor)
             loaded.add(name)
         if unexpected:
             raise ValueError(f"checkpoint has weights this model does not know: {unexpected[:5]}"
@@ -188,6 +195,33 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise ValueError(f"checkpoint lacks weights: {missing[:5]}"
                              f"{' ...' if len(missing) > 5 else ''}")
+
+    def _load_quantized(self, name: str, target: str, tensor: QuantizedTensor,
+                        dst: torch.Tensor) -> None:
+        """Place a quantized weight: its linear layer becomes (or already is) a
+        QuantizedLinear holding it as the part its fused shard says."""
+        if target == "model.embed_tokens.weight":
+            dst.copy_(tensor.dequantize(torch.float32))
+            if self.lm_head is None:   # tied: the head reads the quantized table
+                self.lm_head = QuantizedLinear(tensor.in_features, tensor.out_features, None,
+                                               self.dtype)
+                self.lm_head.set_part(0, tensor)
+            return
+        module_name, _, leaf = target.rpartition(".")
+        parent_name, _, child = module_name.rpartition(".")
+        module = self.get_submodule(module_name)
+        if leaf != "weight" or not isinstance(module, (nn.Linear, QuantizedLinear)):
+            raise ValueError(f"weight {name} is quantized ({tensor.qtype}) but is not a linear "
+                             f"layer's weight")
+        fused = _FUSED.get(name.split(".")[-2])
+        shard, parts = (0, 1) if fused is None else (fused[1], len(self._shard_sizes(fused[0])))
+        if isinstance(module, nn.Linear):
+            layer = QuantizedLinear(module.in_features, module.out_features, None, self.dtype,
+                                    parts)
+            layer.bias = module.bias      # the same Parameter: loading fills it either way
+            setattr(self.get_submodule(parent_name) if parent_name else self, child, layer)
+            module = layer
+        module.set_part(shard, tensor)
 
     def _locate(self, name: str) -> tuple[str, slice | None]:
         """Our parameter name for an HF name, and its row slice when fused."""
