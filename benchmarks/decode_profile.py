@@ -1,6 +1,7 @@
 """Where a single-stream decode step's time goes, against the weight-read floor.
 
-    .venv/bin/python benchmarks/decode_profile.py [--model DIR] [--threads 2]
+    .venv/bin/python benchmarks/decode_profile.py [--model DIR|FILE.gguf] [--threads 2]
+                                                  [--quantization int8|int4]
 
 Measures, in one process and one sitting (nothing else may run meanwhile):
   floor      bytes a decode step must read (every linear weight once, the lm_head
@@ -60,7 +61,7 @@ def linear_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def module_bytes(module: torch.nn.Module) -> int:
-    tensors = list(module.parameters(recurse=False)) + [
+    tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)) + [
         t for t in vars(module).values() if isinstance(t, torch.Tensor)]
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -83,10 +84,12 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=128, help="tokens already in the cache")
     ap.add_argument("--enforce-eager", action="store_true",
                     help="the layers from Python, not the platform's compiled forward")
+    ap.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                    help="weight-only quantization of the model's linear layers")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     llm = LLM(args.model, dtype="bfloat16", max_model_len=2048, device="cpu",
-              enforce_eager=args.enforce_eager)
+              enforce_eager=args.enforce_eager, quantization=args.quantization)
     runner = llm.llm_engine.executor.runner
     model, backend = runner.model, runner.backend
     linears = linear_modules(model)

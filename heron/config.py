@@ -23,6 +23,9 @@ def normalize_dtype(dtype: Any) -> str:
     return name
 
 
+QUANTIZATION_METHODS = (None, "int8", "int4", "gguf")
+
+
 @dataclass
 class ModelConfig:
     """What to load. `model` is a Hugging Face folder; None means the embedded default model."""
@@ -36,9 +39,19 @@ class ModelConfig:
     # True: every forward pass runs layer by layer from Python, even where the platform
     # offers a compiled or captured one (Capabilities.graph_capture). vLLM's name.
     enforce_eager: bool = False
+    # Weight-only quantization of an ordinary checkpoint: "int8" (per channel) or "int4"
+    # (groups of 32); "gguf" only says that the model is a GGUF file (vLLM's names).
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         self.dtype = normalize_dtype(self.dtype)
+        if self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"unknown quantization {self.quantization!r}: use int8 (per channel)"
+                             f", int4 (groups of 32) or gguf (a .gguf model file), or leave it "
+                             f"unset")
+        if self.quantization == "gguf" and not str(self.model or "").lower().endswith(".gguf"):
+            raise ValueError("quantization='gguf' needs a .gguf model file; a GGUF file keeps "
+                             "its own formats without it")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
 

@@ -50,6 +50,10 @@ def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
                         help="how ranks run: uni (this process), mp (a process per rank on "
                              "this host, the default for several ranks) or ray (Ray actors, "
                              "on the nodes of a Ray cluster)")
+    parser.add_argument("--quantization", "-q", default=None, choices=["int8", "int4", "gguf"],
+                        help="weight-only quantization of the checkpoint's linear layers: "
+                             "int8 (per channel) or int4 (groups of 32); a .gguf model keeps "
+                             "its own formats")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="run forward passes layer by layer from Python, never the "
                              "platform's compiled forward (for debugging and comparison)")
@@ -61,7 +65,8 @@ def parallel_kwargs(args: argparse.Namespace) -> dict[str, object]:
     return {"tensor_parallel_size": getattr(args, "tensor_parallel_size", 1),
             "pipeline_parallel_size": getattr(args, "pipeline_parallel_size", 1),
             "distributed_executor_backend": getattr(args, "distributed_executor_backend", None),
-            "enforce_eager": getattr(args, "enforce_eager", False)}
+            "enforce_eager": getattr(args, "enforce_eager", False),
+            "quantization": getattr(args, "quantization", None)}
 
 
 def _generate(args: argparse.Namespace) -> int:

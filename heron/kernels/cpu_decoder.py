@@ -41,7 +41,7 @@ class _Kernels(ctypes.Structure):
 
 
 class _Linear(ctypes.Structure):
-    _fields_ = [("w", _p), ("bias", _p)]
+    _fields_ = [("fn", _p), ("w", _p), ("bias", _p)]
 
 
 class _Layer(ctypes.Structure):
@@ -91,6 +91,7 @@ def why_not_compiled(model: nn.Module, backend: AttentionBackend,
     """Why `CpuDecoder` cannot run this model (None: it can)."""
     from heron.kernels.cpu import CpuAttention
     from heron.kernels.cpu_linear import InvariantLinear
+    from heron.kernels.cpu_quant import CpuQuantLinear
     why = _not_heron_llama(model)
     if why is not None:
         return why
@@ -103,8 +104,8 @@ def why_not_compiled(model: nn.Module, backend: AttentionBackend,
     for layer in model.model.layers:
         for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                        layer.mlp.gate_up_proj, layer.mlp.down_proj):
-            if not isinstance(linear, InvariantLinear):
-                return "linear layers are not on heron's invariant kernel " \
+            if not isinstance(linear, (InvariantLinear, CpuQuantLinear)):
+                return "linear layers are not on heron's invariant or quantized kernels " \
                        "(HERON_BATCH_INVARIANT=0, or the model is split over ranks)"
     if type(model.model.embed_tokens) is not nn.Embedding:
         return "the embedding is sharded"
@@ -205,8 +206,12 @@ class CpuDecoder:
 
     @staticmethod
     def _linear(linear: nn.Module) -> _Linear:
-        # Contiguity of weights and biases was established when InvariantLinear packed them.
-        return _Linear(_ptr(linear.packed), _ptr(linear.bias))
+        # Contiguity of weights and biases was established when the layers packed them.
+        from heron.kernels.cpu_quant import CpuQuantLinear
+        if isinstance(linear, CpuQuantLinear):
+            return _Linear(_address(linear._lib.heron_qlinear), linear.weight_address,
+                           _ptr(linear.bias))
+        return _Linear(None, _ptr(linear.packed), _ptr(linear.bias))
 
     def _bind_caches(self, kv_caches: list[torch.Tensor]) -> bool:
         """Point every layer at its cache (once per list of caches: the runner's stay put).

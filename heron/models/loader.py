@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 import torch
 from torch import nn
@@ -14,6 +14,7 @@ from heron.logger import get_logger
 from heron.models.registry import ModelRegistry
 from heron.models.tensor_parallel import (reduce_row_parallel_outputs, shard_config, shard_vocab,
                                           shard_weights, tensor_parallel_problems)
+from heron.quantization import dequantize_linears
 
 logger = get_logger(__name__)
 
@@ -44,7 +45,8 @@ class LoadedModel:
 
 
 def load_model(model_dir: str, dtype: str = "auto", device: torch.device | str = "cpu",
-               group: TensorParallelGroup | None = None) -> LoadedModel:
+               group: TensorParallelGroup | None = None,
+               keep_quantized: Collection[str] = ()) -> LoadedModel:
     """Load the model in `model_dir` in eval mode on `device`; with a tensor-parallel
     `group` of several ranks, this rank's shard of it (see heron.models.tensor_parallel).
 
@@ -71,6 +73,7 @@ def load_model(model_dir: str, dtype: str = "auto", device: torch.device | str =
         shard_vocab(model, hf_config, group)
     model.to_empty(device=device)
     model.load_weights(shard_weights(iter_safetensors(files), hf_config, group))
+    dequantize_linears(model, keep_quantized)
     reduce_row_parallel_outputs(model, group)
     model.eval().requires_grad_(False)
     max_len = _max_model_len(hf_config)

@@ -77,6 +77,11 @@ class Capabilities:
     `speculative_decoding` says whether the platform verifies proposals (several
     tentative tokens per request in one step, logits at each of them) and runs a draft
     model; `validate()` refuses a `speculative_config` when False.
+    `quantization` names the weight formats the platform's kernels run without making
+    them dense (GGUF's `q4_0`, `q4_1`, `q4_k`, `q8_0`, `q6_k`; heron's `int8`, `int4`):
+    the loader keeps those quantized for `prepare_model` and dequantizes every other
+    format of a GGUF file at load time; `validate()` refuses `quantization="int8"` or
+    `"int4"` unless declared.
     """
     dtypes: frozenset[str] = frozenset({"float32"})
     prefix_caching: bool = True
@@ -87,6 +92,7 @@ class Capabilities:
     invariant_dtypes: frozenset[str] = frozenset()
     graph_capture: bool = False
     speculative_decoding: bool = True
+    quantization: frozenset[str] = frozenset()
 
     @property
     def default_block_size(self) -> int:
@@ -165,11 +171,24 @@ class Platform(ABC):
             reasons.append(f"{self.name} cannot split a model over several ranks; pass "
                            "tensor_parallel_size=1")
         reasons += self._speculative_problems(config)
+        reasons += self._quantization_problems(config)
         if config.parallel.pipeline_parallel_size > 1:
             reasons.append("pipeline parallelism is not implemented in heron yet; pass "
                            "pipeline_parallel_size=1 (tensor_parallel_size splits a model "
                            "over several processes or hosts)")
         return reasons
+
+    def _quantization_problems(self, config: "EngineConfig") -> list[str]:
+        method = config.model.quantization
+        if method not in ("int8", "int4"):
+            return []
+        if method not in self.capabilities.quantization:
+            runs = ", ".join(sorted(self.capabilities.quantization)) or "none"
+            return [f"{self.name} has no kernel for {method} weights (it runs: {runs}); leave "
+                    f"quantization unset"]
+        if config.parallel.world_size > 1:
+            return [f"quantization={method!r} runs on one rank only; pass tensor_parallel_size=1"]
+        return []
 
     def _speculative_problems(self, config: "EngineConfig") -> list[str]:
         spec = config.speculative

@@ -17,7 +17,8 @@ from heron.core.scheduler import ModelRunnerOutput, SchedulerOutput
 from heron.distributed import TensorParallelGroup
 from heron.kernels.interface import AttentionMetadata
 from heron.logger import get_logger
-from heron.models.loader import load_model
+from heron.models.loader import LoadedModel, load_model
+from heron.quantization import dequantize_linears
 from heron.platforms.interface import Platform
 from heron.worker.forward import choose_compiled_forward, forward_pass
 from heron.worker.sampler import Sampler
@@ -25,6 +26,18 @@ from heron.worker.spec_decode.draft_model import make_drafter
 from heron.worker.step_inputs import outputs_from_logits, prepare_inputs, profile_metadata
 
 logger = get_logger(__name__)
+
+
+def load_model_for(platform: Platform, config: EngineConfig, model_path: str,
+                   device: torch.device, group: TensorParallelGroup) -> LoadedModel:
+    """The model, its GGUF weights kept in the formats the platform's kernels run, and
+    with `quantization="int8"/"int4"` its linear layers quantized."""
+    from heron.quantization.weight_only import quantize_model
+    loaded = load_model(model_path, config.model.dtype, device, group,
+                        keep_quantized=platform.capabilities.quantization)
+    if config.model.quantization in ("int8", "int4"):
+        quantize_model(loaded.model, config.model.quantization, loaded.dtype)
+    return loaded
 
 
 class ModelRunner:
@@ -37,8 +50,9 @@ class ModelRunner:
         self.group = group or TensorParallelGroup.single()
         self.device = platform.torch_device()
         self.block_size = config.cache.block_size
-        loaded = load_model(model_path, config.model.dtype, self.device, self.group)
+        loaded = load_model_for(platform, config, model_path, self.device, self.group)
         self.model = platform.prepare_model(loaded.model, loaded.dtype)
+        dequantize_linears(self.model, (), f"{platform.name} in {loaded.dtype}")
         self.hf_config = loaded.hf_config
         self.dtype = loaded.dtype
         self.model_max_len = loaded.max_model_len
@@ -64,7 +78,7 @@ class ModelRunner:
     # -- memory -------------------------------------------------------------------------
 
     def weights_bytes(self) -> int:
-        tensors = list(self.model.parameters()) + [
+        tensors = list(self.model.parameters()) + list(self.model.buffers()) + [
             t for m in self.model.modules() for t in vars(m).values() if isinstance(t, torch.Tensor)]
         drafter = self.drafter.weights_bytes() if self.drafter else 0
         return sum(t.numel() * t.element_size() for t in tensors) + drafter

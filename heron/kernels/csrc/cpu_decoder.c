@@ -46,11 +46,22 @@ typedef struct {
     attention_fn attention;
 } Kernels;
 
-/* One packed linear layer (heron_pack's panels), bias or NULL. */
+/* One linear layer: its kernel (NULL: Kernels.linear over heron_pack's panels), its
+ * weight as that kernel takes it (a quantized layer's is a QWeight descriptor), and its
+ * bias or NULL. */
 typedef struct {
+    linear_fn fn;
     const void *w;
     const void *bias;
 } Linear;
+
+/* y = x @ W^T (+ b) through the layer's own kernel. */
+static inline int run_linear(const Kernels *k, const Linear *L, const void *x, int64_t xs,
+                             void *y, int64_t ys, int64_t M, int64_t N, int64_t K, int dt,
+                             int nthreads) {
+    const linear_fn fn = L->fn ? L->fn : k->linear;
+    return fn(x, xs, L->w, L->bias, y, ys, M, N, K, dt, nthreads);
+}
 
 typedef struct {
     const void *input_norm;
@@ -151,7 +162,7 @@ int heron_decoder_forward(const Kernels *k, const Model *m, const Batch *b, void
         else
             k->rms_norm(x, H, res, H, L->input_norm, h, H, T, H, m->eps, dt, nthreads);
         charge(timings, T_OTHER, &last);
-        if (k->linear(h, H, L->qkv.w, L->qkv.bias, qkv, qkv_n, T, qkv_n, H, dt, nthreads))
+        if (run_linear(k, &L->qkv, h, H, qkv, qkv_n, T, qkv_n, H, dt, nthreads))
             return E_LINEAR;
         charge(timings, T_LINEAR, &last);
         k->rotary(qkv, qkv_n, T, m->num_heads + m->num_kv_heads, D, b->positions, m->rope, dt,
@@ -165,17 +176,17 @@ int heron_decoder_forward(const Kernels *k, const Model *m, const Batch *b, void
                               nthreads, ATTEND_AND_WRITE);
         if (rc) return rc;
         charge(timings, T_ATTENTION, &last);
-        if (k->linear(attn, q_size, L->o.w, L->o.bias, x, H, T, H, q_size, dt, nthreads))
+        if (run_linear(k, &L->o, attn, q_size, x, H, T, H, q_size, dt, nthreads))
             return E_LINEAR;
         charge(timings, T_LINEAR, &last);
         k->rms_norm(x, H, res, H, L->post_norm, h, H, T, H, m->eps, dt, nthreads);
         charge(timings, T_OTHER, &last);
-        if (k->linear(h, H, L->gate_up.w, L->gate_up.bias, gu, 2 * I, T, 2 * I, H, dt, nthreads))
+        if (run_linear(k, &L->gate_up, h, H, gu, 2 * I, T, 2 * I, H, dt, nthreads))
             return E_LINEAR;
         charge(timings, T_LINEAR, &last);
         k->silu_and_mul(gu, 2 * I, act, I, T, I, dt, nthreads);
         charge(timings, T_OTHER, &last);
-        if (k->linear(act, I, L->down.w, L->down.bias, x, H, T, H, I, dt, nthreads))
+        if (run_linear(k, &L->down, act, I, x, H, T, H, I, dt, nthreads))
             return E_LINEAR;
         charge(timings, T_LINEAR, &last);
     }

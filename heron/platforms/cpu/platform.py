@@ -45,7 +45,14 @@ class CpuPlatform(Platform):
                             prefix_caching=True, chunked_prefill=True, tensor_parallel=True,
                             invariances=ALL_INVARIANCES if invariant else frozenset(),
                             invariant_dtypes=frozenset({"float32", "bfloat16"}) if invariant
-                            else frozenset(), graph_capture=True)
+                            else frozenset(), graph_capture=True,
+                            quantization=self._quantized_formats())
+
+    @staticmethod
+    def _quantized_formats() -> frozenset[str]:
+        from heron.kernels.cpu_quant import CPU_KERNEL_FORMATS, load_quant
+        return CPU_KERNEL_FORMATS if shutil.which("gcc") is not None and \
+            load_quant()[0] is not None else frozenset()
 
     def detect(self) -> Detection:
         return Detection(True, f"{os.cpu_count()} CPU cores")
@@ -71,10 +78,14 @@ class CpuPlatform(Platform):
         return int(space * 2**30)
 
     def prepare_model(self, model: "torch.nn.Module", dtype: "torch.dtype") -> "torch.nn.Module":
-        """Linear layers run on heron's batch-invariant kernel (float32, bfloat16); with
+        """Quantized linear layers run on heron's quantized kernel (cpu_quant.c); dense
+        ones on its batch-invariant kernel (float32, bfloat16); with
         HERON_BATCH_INVARIANT=0, bfloat16 weights are prepacked for oneDNN instead."""
         import torch
 
+        from heron.kernels.cpu_quant import replace_quantized_layers
+        if dtype in (torch.float32, torch.bfloat16):
+            replace_quantized_layers(model, dtype)
         from heron.kernels.cpu_linear import (InvariantLinear, PackedLinear,
                                               invariant_linear_available, load_gemm,
                                               packing_available, replace_linear_layers)
