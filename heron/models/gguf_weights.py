@@ -16,6 +16,7 @@ tensor name it does not know) is a ValueError naming the file and the tensor.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,14 +94,12 @@ def gguf_files(first: str | Path) -> list[Path]:
 
 
 def open_reader(path: Path) -> Any:
-    """A gguf.GGUFReader over `path`; any failure to parse it is a ValueError naming it.
-
-    The reader checks every tensor's data against the file's length, so a truncated
-    file fails here rather than while loading."""
-    import gguf
-
+    """A gguf.GGUFReader over `path`; any failure to parse it is a ValueError naming it
+    (and, for a truncated file or an unknown type id, the tensor at fault)."""
     try:
-        reader = gguf.GGUFReader(path)
+        reader = _reader_class()(path)
+    except _BadTensor as e:
+        raise ValueError(f"{path.name}: {e}") from e
     except Exception as e:   # gguf raises ValueError, KeyError, struct errors ... on bad bytes
         raise ValueError(f"cannot read {path.name} as a GGUF file (truncated or corrupt?): "
                          f"{type(e).__name__}: {str(e)[:200]}") from e
@@ -109,6 +108,52 @@ def open_reader(path: Path) -> Any:
             raise ValueError(f"{path.name}: tensor {tensor.name} ({tensor.tensor_type.name}) "
                              f"is cut short: the file is truncated")
     return reader
+
+
+class _BadTensor(ValueError):
+    """One tensor's header or data is unusable; the message names it."""
+
+
+@functools.cache
+def _reader_class() -> type:
+    """gguf's reader, with its failures while mapping tensor data explained: it stops
+    with a bare numpy reshape error on a truncated file, or an enum error on an unknown
+    type id, neither naming the tensor."""
+    import gguf
+
+    class Reader(gguf.GGUFReader):
+        def _build_tensors(self, start_offs: int, fields: list) -> None:
+            try:
+                super()._build_tensors(start_offs, fields)
+            except Exception as e:
+                problem = _diagnose(len(self.data), start_offs, fields)
+                if problem is None:
+                    raise
+                raise _BadTensor(problem) from e
+
+    return Reader
+
+
+def _diagnose(file_size: int, start_offs: int, fields: list) -> str | None:
+    """What is wrong with the first bad tensor of a GGUF header, or None if unsure."""
+    import gguf
+
+    try:
+        for field in fields:
+            _, name_data, _, dims, raw_type, offset = field.parts
+            name = bytes(name_data).decode("utf-8", "replace")
+            try:
+                kind = gguf.GGMLQuantizationType(int(raw_type[0]))
+            except ValueError:
+                return f"tensor {name} has type id {int(raw_type[0])}, which is no GGML type"
+            block, type_size = gguf.GGML_QUANT_SIZES[kind]
+            end = int(start_offs + offset[0]) + int(np.prod(dims)) * type_size // block
+            if end > file_size:
+                return (f"tensor {name} ({kind.name}) ends at byte {end}, but the file has "
+                        f"{file_size} bytes: it is truncated")
+    except Exception:   # a gguf version whose header layout differs: no diagnosis
+        return None
+    return None
 
 
 def architecture(reader: Any, path: Path) -> str:
