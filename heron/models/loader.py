@@ -14,10 +14,10 @@ from torch import nn
 from heron.distributed import TensorParallelGroup
 from heron.logger import get_logger
 from heron.models.gguf_file import gguf_weight_files
-from heron.quantization import QuantizedTensor, dequantize_linears
 from heron.models.registry import ModelRegistry
 from heron.models.tensor_parallel import (reduce_row_parallel_outputs, shard_config, shard_vocab,
                                           shard_weights, tensor_parallel_problems)
+from heron.quantization import QuantizedTensor, dequantize_linears
 
 logger = get_logger(__name__)
 
@@ -83,7 +83,7 @@ def load_model(model_dir: str, dtype: str = "auto", device: torch.device | str =
     weights = _iter_weights(files, gguf, hf_config, group)
     model.load_weights(shard_weights(weights, hf_config, group))
     reduce_row_parallel_outputs(model, group)
-    if dequantize_linears(model, keep_quantized, f"heron on {device.type}"):
+    if dequantize_linears(model, keep_quantized):
         model.to(device)   # the dense weights are made on the CPU
     model.eval().requires_grad_(False)
     max_len = _max_model_len(hf_config)
@@ -103,9 +103,10 @@ def _iter_weights(files: list[Path], gguf: bool, hf_config: Any, group: TensorPa
     weights = iter_gguf_weights(files, hf_config)
     if group.world_size == 1:
         return weights
-    # Sharding splits q/k/v by heads and the MLP by columns, which quantized rows do
-    # not allow in general (blocks run along the input features): under tensor
-    # parallelism every weight is dequantized before it is split.
+    # Column-parallel shards take whole rows, which quantized tensors allow, but
+    # row-parallel ones (o_proj, down_proj) cut every row's inputs, through its blocks,
+    # and vocabulary shards pad with zero rows. Until sharding handles block formats,
+    # every weight is dequantized before it is split: it runs, just not quantized.
     logger.warning("tensor parallelism: the GGUF weights of %s are dequantized before "
                    "sharding (quantized shards are not supported yet)", files[0].name)
     return ((name, t.dequantize(torch.float32) if isinstance(t, QuantizedTensor) else t)
