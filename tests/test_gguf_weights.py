@@ -98,7 +98,8 @@ def test_default_gguf_path_is_the_checked_embedded_file(tmp_path, monkeypatch):
 @pytest.mark.parametrize("arch,qtype,overrides,tied", [
     pytest.param("llama", "Q8_0", None, False, id="llama-q8_0"),
     pytest.param("llama", "Q4_0", {"token_embd.weight": "Q8_0", "blk.0.attn_q.weight": "Q5_0",
-                                   "blk.1.ffn_down.weight": "F16", "output.weight": "Q4_1"},
+                                   "blk.1.ffn_down.weight": "F16", "output.weight": "Q4_1",
+                                   "blk.1.attn_k.weight": "BF16", "output_norm.weight": "BF16"},
                  False, id="llama-mixed-formats"),
     pytest.param("qwen2", "Q8_0", None, True, id="qwen2-biases-tied"),
 ])

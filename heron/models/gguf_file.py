@@ -33,6 +33,7 @@ from heron import envs
 from heron.logger import get_logger
 from heron.models import default_model as converter
 from heron.models.gguf_weights import GGUFTensorInfo, describe_tensors, gguf_files
+from heron.quantization import UnsupportedQuantType
 
 logger = get_logger(__name__)
 
@@ -68,7 +69,7 @@ def gguf_model_folder(model: str) -> str:
     except converter.DefaultModelError:
         raise
     except Exception as e:   # from gguf and transformers, or our own checks
-        cls = type(e) if isinstance(e, ValueError) else ValueError
+        cls = UnsupportedQuantType if isinstance(e, UnsupportedQuantType) else ValueError
         raise cls(f"cannot load {gguf.name} as a GGUF model: {type(e).__name__}: "
                   f"{str(e)[:400]}") from e
     logger.info("%s: config and tokenizer at %s; weights stay in the GGUF file", gguf.name,

@@ -2,9 +2,10 @@
 
 `iter_gguf_weights` reads one GGUF file, or every part of a split one, through the
 `gguf` package's memory-mapped reader and yields Hugging Face names with either a torch
-tensor (F32, F16, BF16) or a `QuantizedTensor` holding the file's block bytes row by
-row (Q4_0, Q8_0, Q4_K ...). Nothing is dequantized here: that is for the platform, or
-for `dequantize_linears` when it has no kernel for a format.
+tensor (norms, biases, a float embedding) or a `QuantizedTensor` holding the file's
+bytes row by row (linear weights: Q4_0, Q8_0, Q4_K ..., and F16/BF16/F32 ones too).
+Nothing is dequantized here: that is for the platform, or for `dequantize_linears`
+when it has no kernel for a format.
 
 Architectures: GGUF's `llama` (Llama 2/3, Mistral, SmolLM2) and `qwen2`. llama.cpp's
 converter reorders the rows of q and k of `llama` files within each head (its rope
@@ -201,9 +202,10 @@ def iter_gguf_weights(paths: Sequence[str | Path], hf_config: Any
     """(HF name, tensor) for every weight of the GGUF files `paths` (all parts of one
     model, first part first; a single first part also finds the others).
 
-    F32/F16/BF16 tensors come as torch tensors in their own dtype; block-quantized ones
-    as QuantizedTensor whose rows are the file's bytes (q and k rows put back in
-    Hugging Face's order for llama files). Data is copied out of the memory map, one
+    Norms, biases and a float embedding table come as torch tensors in their own dtype
+    (F32, F16, BF16); every other matrix as a QuantizedTensor whose rows are the file's
+    bytes, whatever its format (q4_0 ... q6_k, and f16, bf16, f32 too), with q and k
+    rows put back in Hugging Face's order for llama files. Data is copied out of the memory map, one
     tensor at a time, so the result outlives the reader. Raises ValueError naming the
     file, the tensor and its type for anything it cannot read."""
     files = [Path(p) for p in paths]
@@ -251,15 +253,20 @@ def _check(path: Path, tensor: Any) -> str | None:
 
 
 def _to_torch(path: Path, tensor: Any) -> torch.Tensor | QuantizedTensor:
+    """A torch tensor for float vectors and a float embedding table; a QuantizedTensor
+    of the file's row bytes for every other matrix, float formats included. A fused
+    projection (q|k|v, gate|up) may mix an F16 part with quantized ones, and the model
+    fuses quantized parts only with quantized parts; dequantization makes them dense
+    later wherever no kernel runs them."""
     kind = tensor.tensor_type.name
     shape = tuple(int(n) for n in reversed(tensor.shape))
     data = np.array(tensor.data)   # a private copy: the reader's memory map is read-only
-    if kind in FLOAT_TYPES:
+    if kind in FLOAT_TYPES and (len(shape) == 1 or tensor.name.startswith("token_embd.")):
         # gguf exposes BF16 as raw bytes (numpy has no bfloat16): reinterpret them.
         if kind == "BF16":
             return torch.from_numpy(data.view(np.int16)).view(torch.bfloat16).reshape(shape)
         return torch.from_numpy(data).reshape(shape)
-    rows = data.reshape(shape[0], -1)
+    rows = data.view(np.uint8).reshape(shape[0], -1)
     return QuantizedTensor(kind.lower(), (shape[0], shape[1]), torch.from_numpy(rows),
                            f"{path.name}:{tensor.name}")
 
