@@ -46,20 +46,17 @@ def test_gguf_file_runs_like_the_embedded_model(embedded_gguf, smollm2_path, mon
 
 
 @pytest.mark.slow
-def test_default_gguf_path_runs_the_embedded_model_quantized(smollm2_path, smollm2_gguf_folder):
-    """LLM(model=default_gguf_path()) reads the embedded file's quantized weights; with
-    every format dequantized into bfloat16 they are the bf16 folder's, token for token."""
-    params = SamplingParams(temperature=0, max_tokens=8)
+def test_default_gguf_path_runs_the_embedded_model_quantized(smollm2_gguf_folder):
+    """LLM(model=default_gguf_path()) runs the embedded file's quantized weights from the
+    shared GGUF folder (that they equal the bf16 folder's, token for token, is the test
+    above, on a copy of the same file)."""
     llm = LLM(model=default_model.default_gguf_path(), device="cpu", dtype="bfloat16",
               max_model_len=256, kv_cache_memory_bytes=1 << 25)
     assert llm.llm_engine.model_path == smollm2_gguf_folder
     assert not list(Path(smollm2_gguf_folder).glob("*.safetensors"))
-    got = llm.generate(["The capital of France is"], params, use_tqdm=False)[0].outputs[0]
-    del llm
-    reference = LLM(smollm2_path, device="cpu", dtype="bfloat16", max_model_len=256,
-                    kv_cache_memory_bytes=1 << 25)
-    want = reference.generate(["The capital of France is"], params, use_tqdm=False)[0].outputs[0]
-    assert got.token_ids == want.token_ids
+    out = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=4),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 4
 
 
 def test_folder_holds_config_tokenizer_and_marker_only(tmp_path, monkeypatch):
