@@ -64,6 +64,14 @@ def smollm2_path() -> str:
     return default_model_path()
 
 
+@pytest.fixture(scope="session")
+def smollm2_gguf_folder() -> str:
+    """The embedded model's GGUF folder (config and tokenizer; weights stay quantized)."""
+    from heron.models.default_model import default_gguf_path
+    from heron.models.gguf_file import gguf_model_folder
+    return gguf_model_folder(default_gguf_path())
+
+
 def hf_greedy(model_path: str, prompt_ids: list[int], max_new_tokens: int):
     """Greedy continuation and per-step log-probabilities from Hugging Face, in float32."""
     import torch

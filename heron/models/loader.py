@@ -1,20 +1,23 @@
-"""Build a registered model from a Hugging Face folder (config.json + .safetensors)."""
+"""Build a registered model from a Hugging Face folder (config.json + .safetensors), or
+from a GGUF model's folder (config.json + a marker naming the GGUF files; see
+heron/models/gguf_file.py), whose weights may stay quantized."""
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection, Iterator
+from typing import Any, Collection, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from heron.distributed import TensorParallelGroup
 from heron.logger import get_logger
+from heron.models.gguf_file import gguf_weight_files
 from heron.models.registry import ModelRegistry
 from heron.models.tensor_parallel import (reduce_row_parallel_outputs, shard_config, shard_vocab,
                                           shard_weights, tensor_parallel_problems)
-from heron.quantization import dequantize_linears
+from heron.quantization import QuantizedTensor, dequantize_linears
 
 logger = get_logger(__name__)
 
@@ -51,13 +54,16 @@ def load_model(model_dir: str, dtype: str = "auto", device: torch.device | str =
     `group` of several ranks, this rank's shard of it (see heron.models.tensor_parallel).
 
     `dtype` is auto|float32|float16|bfloat16; auto takes the config's dtype
-    (float32 when the config names none). Raises FileNotFoundError/ValueError
-    with the offending path for a bad folder, and the registry's ValueError for
-    an unsupported architecture or a split the model does not allow.
+    (float32 when the config names none). A GGUF model's quantized linear layers stay
+    QuantizedLinear when all their formats are in `keep_quantized` (those a platform
+    has kernels for) and become dense nn.Linear layers otherwise. Raises
+    FileNotFoundError/ValueError with the offending path for a bad folder or GGUF file,
+    and the registry's ValueError for an unsupported architecture or a split the model
+    does not allow.
     """
     group = group or TensorParallelGroup.single()
     folder = _check_folder(model_dir)
-    files = safetensors_files(folder)   # before the config: fail fast on a weightless folder
+    files, gguf = _weight_files(folder)   # before the config: fail fast on a weightless folder
     hf_config = _read_config(folder)
     model_cls = ModelRegistry.resolve(list(getattr(hf_config, "architectures", None) or []))
     problems = tensor_parallel_problems(hf_config, model_cls, group.world_size)
@@ -68,25 +74,49 @@ def load_model(model_dir: str, dtype: str = "auto", device: torch.device | str =
     local_config = shard_config(hf_config, group)
     # Build on the meta device and materialise uninitialised storage: random
     # initialisation of weights that are overwritten anyway costs seconds per GB.
+    # (Linear layers that load quantized get a dense buffer here too, released when
+    # load_weights swaps them; on the CPU its untouched pages are never committed.)
     with torch.device("meta"):
         model = model_cls(local_config, torch_dtype)
         shard_vocab(model, hf_config, group)
     model.to_empty(device=device)
-    model.load_weights(shard_weights(iter_safetensors(files), hf_config, group))
-    dequantize_linears(model, keep_quantized)
+    weights = _iter_weights(files, gguf, hf_config, group)
+    model.load_weights(shard_weights(weights, hf_config, group))
     reduce_row_parallel_outputs(model, group)
+    if dequantize_linears(model, keep_quantized):
+        model.to(device)   # the dense weights are made on the CPU
     model.eval().requires_grad_(False)
     max_len = _max_model_len(hf_config)
-    logger.info("loaded %s from %s (%s, %s, max_model_len %d%s)", model_cls.__name__, folder,
-                torch_dtype, device, max_len,
+    logger.info("loaded %s from %s (%s, %s, max_model_len %d%s)", model_cls.__name__,
+                files[0] if gguf else folder, torch_dtype, device, max_len,
                 f", rank {group.rank} of {group.world_size}" if group.world_size > 1 else "")
     return LoadedModel(model=model, hf_config=hf_config, dtype=torch_dtype, max_model_len=max_len,
                        shard_config=local_config)
 
 
+def _iter_weights(files: list[Path], gguf: bool, hf_config: Any, group: TensorParallelGroup
+                  ) -> Iterable[tuple[str, torch.Tensor | QuantizedTensor]]:
+    if not gguf:
+        return iter_safetensors(files)
+    from heron.models.gguf_weights import iter_gguf_weights
+
+    weights = iter_gguf_weights(files, hf_config)
+    if group.world_size == 1:
+        return weights
+    # Column-parallel shards take whole rows, which quantized tensors allow, but
+    # row-parallel ones (o_proj, down_proj) cut every row's inputs, through its blocks,
+    # and vocabulary shards pad with zero rows. Until sharding handles block formats,
+    # every weight is dequantized before it is split: it runs, just not quantized.
+    logger.warning("tensor parallelism: the GGUF weights of %s are dequantized before "
+                   "sharding (quantized shards are not supported yet)", files[0].name)
+    return ((name, t.dequantize(torch.float32) if isinstance(t, QuantizedTensor) else t)
+            for name, t in weights)
+
+
 @dataclass
 class ModelDescription:
-    """What a model folder holds, read without loading weights."""
+    """What a model folder holds, read without loading weights (`weight_files`: its
+    safetensors, or for a GGUF model's folder the GGUF files)."""
     folder: Path
     weight_files: list[Path]
     hf_config: Any
@@ -98,7 +128,7 @@ class ModelDescription:
 def describe_model(model_dir: str, dtype: str = "auto") -> ModelDescription:
     """Check `model_dir` and read its config (same errors as `load_model`); no weights load."""
     folder = _check_folder(model_dir)
-    files = safetensors_files(folder)
+    files, _ = _weight_files(folder)
     hf_config = _read_config(folder)
     model_cls = ModelRegistry.resolve(list(getattr(hf_config, "architectures", None) or []))
     return ModelDescription(folder, files, hf_config, resolve_dtype(dtype, hf_config),
@@ -120,6 +150,12 @@ def resolve_dtype(dtype: str, hf_config: Any) -> torch.dtype:
         logger.warning("config dtype %s is not supported; using float32", name)
         return torch.float32
     return _DTYPES[name]
+
+
+def _weight_files(folder: Path) -> tuple[list[Path], bool]:
+    """The folder's weight files, and whether they are GGUF files."""
+    gguf = gguf_weight_files(folder)
+    return (gguf, True) if gguf is not None else (safetensors_files(folder), False)
 
 
 def safetensors_files(folder: Path) -> list[Path]:
