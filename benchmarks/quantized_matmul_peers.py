@@ -15,7 +15,7 @@ threads:
   so use a separate venv: python3 -m venv ~/.venvs/torchao &&
   ~/.venvs/torchao/bin/pip install torch==2.13.0 torchao)
 
-and prints, per method, microseconds per shape, the whole-model sum (each layer shape
+and prints, per method, microseconds per shape (the fastest of `--repeats` medians), the whole-model sum (each layer shape
 times the number of layers, plus the lm_head once), and two errors as relative L2
 norms: `kern` against float32 math on the weight the method really multiplies by (its
 own dequantized weight, activations rounded as it rounds them): the kernel's own error;
@@ -255,6 +255,16 @@ def measure(method: Method, shapes: list[LinearShape], rows: list[int], budget: 
     return result
 
 
+def best_of(runs: list[Result]) -> Result:
+    """Per cell the fastest of several rounds: other processes on a shared machine only
+    ever make a call slower, so the minimum of the medians is the least disturbed."""
+    first = runs[0]
+    if first.error or any(r.error for r in runs):
+        return next(r for r in runs if r.error)
+    us = {key: None if value is None else min(r.us[key] for r in runs) for key, value in first.us.items()}
+    return Result(us, first.kernel_err, first.quant_err, None, first.not_applicable)
+
+
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else "")[:160]
@@ -312,6 +322,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--budget", type=float, default=0.4, help="seconds of timing per shape, method and M")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds per method; each cell is the "
+                    "fastest round's median")
     ap.add_argument("--no-torchao", action="store_true")
     ap.add_argument("--only", nargs="*", help="substrings of method names to run")
     ap.add_argument("--compile", action="store_true", help="time each method under torch.compile "
@@ -326,7 +338,8 @@ def main() -> None:
         ao_version = "no torchao"
     print(f"# torch {torch.__version__}, {ao_version}, threads {torch.get_num_threads()}, "
           f"cpu capability {torch.backends.cpu.get_cpu_capability()}, {args.model}, "
-          f"load average {os.getloadavg()[0]:.2f} (other processes skew the times)", flush=True)
+          f"load average {os.getloadavg()[0]:.2f} (other processes skew the times), "
+          f"best of {args.repeats} medians", flush=True)
     results: dict[str, Result] = {}
     with torch.no_grad():
         for name, method in all_methods(not args.no_torchao):
@@ -334,7 +347,8 @@ def main() -> None:
                 continue
             start = time.perf_counter()
             label = f"{name} +compile" if args.compile else name
-            results[label] = measure(method, shapes, args.rows, args.budget, args.compile)
+            results[label] = best_of([measure(method, shapes, args.rows, args.budget, args.compile)
+                                      for _ in range(args.repeats)])
             status = results[label].error or "ok"
             print(f"# {name}: {time.perf_counter() - start:.0f} s, {status}", file=sys.stderr, flush=True)
     print_tables(args.model, shapes, args.rows, results)
