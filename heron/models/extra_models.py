@@ -63,6 +63,12 @@ def _pandas_sns_chunks() -> tuple[Chunk, ...]:
                  for i in range(1, 7))
 
 
+# Checked by hand with gguf.GGUFReader when pinned: GGUF v3, architecture qwen2,
+# general.name "Qwen2.5 Coder 0.5B Instruct AWQ", file type 15 (Q4_K_M), 24 blocks,
+# hidden 896, ffn 4864, 14 heads / 2 kv heads, 291 tensors: Q5_0 x133 (q, k, o, gate,
+# up, half the v, token_embd: 896 is no multiple of the 256 that K-quants need), F32 x121
+# (norms, q/k/v biases), Q8_0 x13 (the other v, and a separate output.weight), Q6_K x12
+# and Q4_K x12 (ffn_down, 4864 = 19 x 256). A loader of this file needs all five types.
 QWEN25_CODER_05B = ChunkedFile(
     name="qwen2.5-coder-0.5b",
     file_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
