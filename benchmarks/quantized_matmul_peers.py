@@ -330,6 +330,10 @@ def main() -> None:
                     "(inductor; compiles every shape and M, slow to start)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.compile:
+        # Every shape and M is a new graph of the same lambda: past dynamo's default
+        # limit of 8 it would silently run the rest eagerly.
+        torch._dynamo.config.recompile_limit = 1000
     shapes = MODELS[args.model]
     try:  # imported first: its import logs to stderr, which would split the line below
         import torchao
