@@ -56,6 +56,9 @@
 #define REC8 40
 #define MAX_SEGMENTS 8
 #define MB 64                 /* rows per block of rows: their int8 rows stay in L1/L2 */
+#ifndef PREFETCH
+#define PREFETCH 4096          /* bytes ahead of the records being read */
+#endif
 #define CB 16                 /* columns per chunk every row block visits in turn */
 
 enum { QF_4BIT = 1, QF_8BIT = 2 };
@@ -170,6 +173,7 @@ static void NAME(const Acts *a, int64_t row0, const uint8_t *const *cols, float 
         _Pragma("GCC unroll 4")                                                              \
         for (int c = 0; c < C; c++) {                                                        \
             const uint8_t *rec = cols[c] + b * REC8;                                         \
+            _mm_prefetch((const char *)rec + PREFETCH, _MM_HINT_T0);                         \
             const __m256i w = _mm256_loadu_si256((const __m256i *)rec);                      \
             const __m256 dw = halves(rec + 32);                                              \
             _Pragma("GCC unroll 4")                                                          \
@@ -208,6 +212,7 @@ static void NAME(const Acts *a, int64_t row0, const uint8_t *const *pairs, float
         _Pragma("GCC unroll 4")                                                              \
         for (int c = 0; c < C; c++) {                                                        \
             const uint8_t *rec = pairs[c] + b * REC4;                                        \
+            _mm_prefetch((const char *)rec + PREFETCH, _MM_HINT_T0);                         \
             const __m256i v = _mm256_loadu_si256((const __m256i *)rec);                      \
             const __m256 dw = halves(rec + 32);                                              \
             const float m0 = load_f32(rec + 40), m1 = load_f32(rec + 44);                    \
