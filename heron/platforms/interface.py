@@ -77,6 +77,8 @@ class Capabilities:
     `speculative_decoding` says whether the platform verifies proposals (several
     tentative tokens per request in one step, logits at each of them) and runs a draft
     model; `validate()` refuses a `speculative_config` when False.
+    `kv_cache_dtypes` are the `kv_cache_dtype` values (vLLM's: auto, fp8, fp8_e4m3,
+    fp8_e5m2) its attention reads and writes; `validate()` refuses the others.
     """
     dtypes: frozenset[str] = frozenset({"float32"})
     prefix_caching: bool = True
@@ -87,6 +89,7 @@ class Capabilities:
     invariant_dtypes: frozenset[str] = frozenset()
     graph_capture: bool = False
     speculative_decoding: bool = True
+    kv_cache_dtypes: frozenset[str] = frozenset({"auto"})
 
     @property
     def default_block_size(self) -> int:
@@ -159,6 +162,11 @@ class Platform(ABC):
             allowed = ", ".join(map(str, sorted(sizes)))
             reasons.append(f"block_size {config.cache.block_size} is not supported on {self.name} "
                            f"(supported: {allowed}); pass block_size={min(sizes)} or leave it unset")
+        kv_dtypes = self.capabilities.kv_cache_dtypes
+        if config.cache.kv_cache_dtype not in kv_dtypes:
+            reasons.append(f"kv_cache_dtype {config.cache.kv_cache_dtype!r} is not supported on "
+                           f"{self.name} (supported: {', '.join(sorted(kv_dtypes))}); pass "
+                           "kv_cache_dtype='auto'")
         if config.scheduler.enable_chunked_prefill and not self.capabilities.chunked_prefill:
             reasons.append(f"{self.name} has no chunked prefill; pass enable_chunked_prefill=False")
         if config.parallel.tensor_parallel_size > 1 and not self.capabilities.tensor_parallel:
