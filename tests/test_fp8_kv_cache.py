@@ -302,3 +302,28 @@ def test_smollm2_fp8_logprobs_close_to_bfloat16(smollm2_path):
     diff = (lp16 - lp8).abs()
     assert agree >= 0.85, agree
     assert diff.mean() < 0.2 and diff.max() < 1.5, (diff.mean(), diff.max())
+
+
+@pytest.fixture
+def portable_kernel(monkeypatch):
+    """The build without -march=native: its fp8 decode is integer arithmetic, not F16C."""
+    import heron.kernels.cpu as cpu_mod
+    monkeypatch.setattr(cpu_mod, "_FLAG_SETS", (cpu_mod._FLAG_SETS[-1],))
+    cpu_mod._load_kernel.cache_clear()
+    try:
+        if cpu_mod._load_kernel()[0] is None:
+            pytest.skip(cpu_mod._load_kernel()[1])
+        yield
+    finally:
+        cpu_mod._load_kernel.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", FP8, ids=FP8_IDS)
+def test_portable_build_converts_exactly(portable_kernel, dtype):
+    test_decode_is_exact_for_all_256_codes(dtype)
+    x = _interesting_floats()[-50_000:]
+    assert torch.equal(fp8_encode(x, dtype).view(torch.uint8), x.to(dtype).view(torch.uint8))
+    setup = _setup(torch.bfloat16, dtype)
+    got, _ = _run(CpuAttention(6, 2, 64, 0.125), dtype, *setup)
+    want, _ = _run(ReferenceAttention(6, 2, 64, 0.125), dtype, *setup)
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1e-2)
