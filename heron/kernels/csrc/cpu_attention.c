@@ -599,10 +599,16 @@ INLINE void pv_tile(const Ctx *c, Item *it, int r0, const int NR, int v0, const 
 #define PV_CASES(NR) PV_CASE(NR, 1) PV_CASE(NR, 2) PV_CASE(NR, 3) PV_CASE(NR, 4)
 INLINE void pv_rows(const Ctx *c, Item *it, const int KT, int seg0, int seg_n) {
     const int nvec = c->D / VL;
-    for (int v0 = 0; v0 < nvec; v0 += PV_COLS) {
-        int nv = nvec - v0 < PV_COLS ? nvec - v0 : PV_COLS;
-        for (int r0 = 0; r0 < it->R; r0 += PV_ROWS) {
-            int nr = it->R - r0 < PV_ROWS ? it->R - r0 : PV_ROWS;
+    /* A tile decodes each fp8 value it reads, so fp8 takes the tallest tile: 6 rows (a
+     * decode step's query heads per kv head, usually) by 2 vectors on AVX2 (15 registers)
+     * decode every value once where 2 x 4 decoded it R / 2 times. A row's arithmetic is
+     * the same in any tile. */
+    const int tile_rows = IS_FP8(KT) ? 6 : PV_ROWS;
+    const int tile_cols = IS_FP8(KT) && PV_ROWS < 6 ? 2 : PV_COLS;
+    for (int v0 = 0; v0 < nvec; v0 += tile_cols) {
+        int nv = nvec - v0 < tile_cols ? nvec - v0 : tile_cols;
+        for (int r0 = 0; r0 < it->R; r0 += tile_rows) {
+            int nr = it->R - r0 < tile_rows ? it->R - r0 : tile_rows;
             /* rows are in position order: keys past the tile's last row are all masked */
             int kend = it->pos[r0 + nr - 1] - seg0 + 1;
             if (kend > seg_n) kend = seg_n;
