@@ -1,7 +1,7 @@
 """Where a single-stream decode step's time goes, against the weight-read floor.
 
     .venv/bin/python benchmarks/decode_profile.py [--model DIR|FILE.gguf] [--threads 2]
-                                                  [--quantization int8|int4]
+        [--context 128] [--quantization int8|int4] [--kv-cache-dtype fp8] [--enforce-eager]
 
 Measures, in one process and one sitting (nothing else may run meanwhile):
   floor      bytes a decode step must read (every linear weight once, the lm_head
@@ -82,6 +82,8 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="model folder (default: the embedded model)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--context", type=int, default=128, help="tokens already in the cache")
+    ap.add_argument("--kv-cache-dtype", default="auto",
+                    help="auto (bfloat16 here), fp8, fp8_e4m3 or fp8_e5m2")
     ap.add_argument("--enforce-eager", action="store_true",
                     help="the layers from Python, not the platform's compiled forward")
     ap.add_argument("--quantization", default=None, choices=["int8", "int4"],
@@ -89,7 +91,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     llm = LLM(args.model, dtype="bfloat16", max_model_len=2048, device="cpu",
-              enforce_eager=args.enforce_eager, quantization=args.quantization)
+              enforce_eager=args.enforce_eager, quantization=args.quantization,
+              kv_cache_dtype=args.kv_cache_dtype)
     runner = llm.llm_engine.executor.runner
     model, backend = runner.model, runner.backend
     linears = linear_modules(model)
@@ -133,6 +136,7 @@ def main() -> None:
     forward_ms, logits_ms = best_ms(forward), best_ms(logits)
     result = {
         "forward_path": "eager" if runner.compiled is None else type(runner.compiled).__name__,
+        "kv_cache_dtype": str(runner.kv_caches[0].dtype).removeprefix("torch."),
         "threads": args.threads, "context": args.context, "read_gb_per_s": round(bandwidth, 1),
         "weights_mb_per_step": round((weight_bytes + norms) / 1e6, 1),
         "floor_ms": round(floor_ms, 2), "step_ms": round(step, 2),

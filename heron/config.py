@@ -56,20 +56,33 @@ class ModelConfig:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
 
 
+# vLLM's kv_cache_dtype values: "auto" is the model's dtype; "fp8" means fp8_e4m3
+# (float8_e4m3fn), as in vLLM on CUDA and CPU.
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+
+
 @dataclass
 class CacheConfig:
-    """The paged KV cache: block size, prefix caching and how much memory it gets.
+    """The paged KV cache: block size, prefix caching, element type and how much memory it gets.
 
     `block_size=None` takes the platform's default (16 on most; what the device
-    requires where it fixes one, e.g. 32 on openvino's CPU device)."""
+    requires where it fixes one, e.g. 32 on openvino's CPU device).
+    `kv_cache_dtype` (vLLM's name): "auto" stores keys and values in the model's dtype;
+    "fp8" / "fp8_e4m3" and "fp8_e5m2" in one byte each, which halves the cache against
+    bfloat16 (twice the tokens in the same memory), on platforms whose capabilities
+    declare it."""
     block_size: int | None = None
     enable_prefix_caching: bool = True
     # An explicit size wins over the platform's own estimate.
     kv_cache_memory_bytes: int | None = None
     num_gpu_blocks_override: int | None = None
     gpu_memory_utilization: float = 0.9
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported; use one "
+                             f"of {', '.join(KV_CACHE_DTYPES)}")
         if self.block_size is not None and (self.block_size < 1
                                             or self.block_size & (self.block_size - 1)):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")

@@ -6,6 +6,7 @@ import json
 import sys
 
 from heron import envs
+from heron.config import KV_CACHE_DTYPES
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +55,9 @@ def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
                         help="weight-only quantization of the checkpoint's linear layers: "
                              "int8 (per channel) or int4 (groups of 32); a .gguf model keeps "
                              "its own formats")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                        help="KV-cache element type: auto (the model's dtype), fp8 (= fp8_e4m3) "
+                             "or fp8_e5m2: one byte per value, twice the tokens of bfloat16")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="run forward passes layer by layer from Python, never the "
                              "platform's compiled forward (for debugging and comparison)")
@@ -66,7 +70,8 @@ def parallel_kwargs(args: argparse.Namespace) -> dict[str, object]:
             "pipeline_parallel_size": getattr(args, "pipeline_parallel_size", 1),
             "distributed_executor_backend": getattr(args, "distributed_executor_backend", None),
             "enforce_eager": getattr(args, "enforce_eager", False),
-            "quantization": getattr(args, "quantization", None)}
+            "quantization": getattr(args, "quantization", None),
+            "kv_cache_dtype": getattr(args, "kv_cache_dtype", "auto")}
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ class LLM:
     `model` is a local Hugging Face folder (config.json + .safetensors); None uses the
     embedded default model (SmolLM2-135M-Instruct). Other keyword arguments are vLLM's
     engine arguments: dtype, max_model_len, enable_prefix_caching, device, seed,
-    block_size, max_num_seqs, max_num_batched_tokens, kv_cache_memory_bytes,
+    block_size, max_num_seqs, max_num_batched_tokens, kv_cache_memory_bytes, kv_cache_dtype,
     tensor_parallel_size, distributed_executor_backend, ...
     """
 

@@ -17,8 +17,11 @@ over, so bfloat16 pairs feed vdpbf16ps directly:
   keys    [head_size / P, block_size, P]   (16 tokens' words for the same dims
                                             are one vector: no transpose in Q @ K^T)
   values  [block_size / P, head_size, P]   (two tokens' values of one dim per word)
-bfloat16 caches therefore need an even block size. `CpuAttention.gather_context`
-reads a sequence back in position order.
+bfloat16 caches therefore need an even block size. fp8 caches (float8_e4m3fn,
+float8_e5m2: `kv_cache_dtype="fp8"`) hold one byte per element in the float32
+layout (P = 1) while queries and outputs stay in the model's dtype; the kernel
+rounds new keys/values to fp8 as torch does and decodes them exactly on reading.
+`CpuAttention.gather_context` reads a sequence back in position order.
 
 Fresh prefills run through the kernel too: it measured about 3x faster than torch's
 scaled_dot_product_attention per sequence (benchmarks/attention_micro.py).
@@ -48,6 +51,9 @@ logger = get_logger(__name__)
 
 _SOURCE = Path(__file__).parent / "csrc" / "cpu_attention.c"
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+# Cache dtypes: the model's, or an fp8 format whatever the model's dtype.
+FP8_DTYPES = {torch.float8_e4m3fn: 2, torch.float8_e5m2: 3}
+_CACHE_CODES = {**_DTYPE_CODES, **FP8_DTYPES}
 _F_WRITE_KV, _F_ATTEND = 1, 2
 _ERRORS = {
     -1: "unsupported head_size, block_size, head counts or dtype",
@@ -69,9 +75,13 @@ def _warn_once(message: str) -> None:
 def _declare(lib: ctypes.CDLL) -> None:
     fn = lib.heron_attention
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    f32 = ctypes.c_float
     fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, ptr,
-                   i32, i32, i32, i32, i32, i32, i32, ctypes.c_float, i32, i32]
+                   i32, i32, i32, i32, i32, i32, i32, i32, f32, f32, f32, i32, i32]
     fn.restype = i32
+    for name in ("heron_fp8_encode", "heron_fp8_decode"):
+        getattr(lib, name).argtypes = [ptr, ptr, i64, i32]
+        getattr(lib, name).restype = None
     lib.heron_attention_isa.restype = i32
 
 
@@ -90,6 +100,29 @@ def native_kernel_available() -> bool:
     return _load_kernel()[0] is not None
 
 
+def fp8_encode(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 values -> `dtype` (an fp8 dtype) by the kernel's own conversion (for tests:
+    it must equal `x.to(dtype)` bit for bit)."""
+    lib = _load_kernel()[0]
+    if lib is None:
+        raise RuntimeError(f"the C attention kernel is unavailable: {_load_kernel()[1]}")
+    x = x.to(torch.float32).contiguous()
+    out = torch.empty(x.shape, dtype=torch.uint8)
+    lib.heron_fp8_encode(x.data_ptr(), out.data_ptr(), x.numel(), FP8_DTYPES[dtype])
+    return out.view(dtype)
+
+
+def fp8_decode(x: torch.Tensor) -> torch.Tensor:
+    """An fp8 tensor -> float32 by the kernel's own conversion (for tests)."""
+    lib = _load_kernel()[0]
+    if lib is None:
+        raise RuntimeError(f"the C attention kernel is unavailable: {_load_kernel()[1]}")
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=torch.float32)
+    lib.heron_fp8_decode(x.data_ptr(), out.data_ptr(), x.numel(), FP8_DTYPES[x.dtype])
+    return out
+
+
 class CpuAttention(AttentionBackend):
     """Attention backend of the cpu platform: the C kernel, or the reference as fallback.
 
@@ -97,7 +130,10 @@ class CpuAttention(AttentionBackend):
     [T, num_kv_heads, head_size] whose last two dims are contiguous (the token
     stride is free, so views of a fused qkv tensor need no copy; otherwise they
     are copied). Query, key and value in the cache's dtype (bfloat16 or float32)
-    avoid conversions. Metadata tensors live on the CPU:
+    avoid conversions; with an fp8 cache they stay in the model's dtype (float32 or
+    bfloat16) and the kernel converts keys and values as it stores them, as
+    x / k_scale and x / v_scale (both 1.0 unless set: `AttentionBackend.k_scale`).
+    Metadata tensors live on the CPU:
     query_start_loc, seq_lens, block_tables int32 with a contiguous last dim,
     slot_mapping int64 (a negative slot skips the token's write).
     """
@@ -132,9 +168,9 @@ class CpuAttention(AttentionBackend):
         """Whether this cache is in the kernel's layout (else the reference's, on a view)."""
         if self._lib is None:
             return False
-        if kv_cache.dtype not in _DTYPE_CODES:
-            _warn_once(f"cpu attention: the C kernel takes bfloat16 or float32 caches, not "
-                       f"{kv_cache.dtype}; using the slow reference")
+        if kv_cache.dtype not in _CACHE_CODES:
+            _warn_once(f"cpu attention: the C kernel takes bfloat16, float32 or fp8 caches, "
+                       f"not {kv_cache.dtype}; using the slow reference")
             return False
         if kv_cache.dtype == torch.bfloat16 and kv_cache.dim() == 5 and kv_cache.shape[3] % 2:
             _warn_once("cpu attention: the C kernel needs an even block size for bfloat16 "
@@ -160,7 +196,8 @@ class CpuAttention(AttentionBackend):
                                             block_size)
         _, _, heads, bs, dim = kv_cache.shape
         blocks = kv_cache[block_table[:(seq_len + bs - 1) // bs].long()]   # [n, 2, H, bs, D]
-        p = 4 // kv_cache.element_size()
+        # elements per 32-bit word; fp8 caches use the float32 layout (values as stored)
+        p = 1 if kv_cache.dtype in FP8_DTYPES else 4 // kv_cache.element_size()
         keys = (blocks[:, 0].reshape(-1, heads, dim // p, bs, p)
                 .permute(0, 3, 1, 2, 4).reshape(-1, heads, dim)[:seq_len])
         values = (blocks[:, 1].reshape(-1, heads, bs // p, dim, p)
@@ -173,13 +210,22 @@ class CpuAttention(AttentionBackend):
                  slot_mapping: torch.Tensor) -> None:
         """Store keys/values [T, num_kv_heads, head_size] at their flat slots."""
         if not self.uses_native_layout(kv_cache):
-            reference_write_kv(self._reference_view(kv_cache), key, value, slot_mapping)
+            reference_write_kv(self._reference_view(kv_cache), key, value, slot_mapping,
+                               self.k_scale, self.v_scale)
             return
         self._check_cache(kv_cache, kv_cache.shape[3])
-        key, value = self._kv_rows(key, value, kv_cache.dtype)
+        key, value = self._kv_rows(key, value, self._row_dtype(kv_cache, key.dtype))
         slots = _index(slot_mapping, torch.int64, "slot_mapping", key.shape[0])
         self._call(None, key, value, None, kv_cache, None, None, None, slots, 0, key.shape[0],
                    _F_WRITE_KV)
+
+    @staticmethod
+    def _row_dtype(kv_cache: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the kernel takes queries and new keys/values in: the cache's own, or
+        for an fp8 cache the given one when it is float32 or bfloat16 (else float32)."""
+        if kv_cache.dtype not in FP8_DTYPES:
+            return kv_cache.dtype
+        return dtype if dtype in _DTYPE_CODES else torch.float32
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata, *,
@@ -190,14 +236,15 @@ class CpuAttention(AttentionBackend):
             result = self._reference.forward(query, key, value,
                                              self._reference_view(kv_cache), meta)
             return out.copy_(result) if out is not None else result
-        if query.dtype != kv_cache.dtype:
+        row_dtype = self._row_dtype(kv_cache, query.dtype)
+        if query.dtype != row_dtype:
             # Compute in the cache's dtype rather than switch this cache to the
             # reference's layout; bf16 -> f32 is exact, f32 -> bf16 rounds q.
-            result = self.forward(query.to(kv_cache.dtype), key, value, kv_cache, meta)
+            result = self.forward(query.to(row_dtype), key, value, kv_cache, meta)
             return out.copy_(result) if out is not None else result.to(query.dtype)
         self._check_cache(kv_cache, meta.block_size)
         query = _rows(query, self.num_heads, self.head_size, "query")
-        key, value = self._kv_rows(key, value, kv_cache.dtype)
+        key, value = self._kv_rows(key, value, row_dtype)
         num_tokens, n = query.shape[0], meta.num_seqs
         if key.shape[0] != num_tokens:
             raise ValueError(f"key has {key.shape[0]} tokens, query {num_tokens}")
@@ -226,6 +273,7 @@ class CpuAttention(AttentionBackend):
               num_seqs: int, num_tokens: int, flags: int) -> None:
         """The one place that hands pointers to C: every tensor was checked by the caller."""
         assert self._lib is not None
+        row_dtype = key.dtype   # the model's: queries, outputs and new keys/values share it
         rc = self._lib.heron_attention(
             query.data_ptr() if query is not None else None,
             query.stride(0) if query is not None else 0,
@@ -238,7 +286,8 @@ class CpuAttention(AttentionBackend):
             tables.stride(0) if tables is not None else 0,
             tables.shape[1] if tables is not None else 0,
             slots.data_ptr(), num_seqs, num_tokens, self.num_heads, self.num_kv_heads,
-            self.head_size, kv_cache.shape[3], _DTYPE_CODES[kv_cache.dtype], self.scale,
+            self.head_size, kv_cache.shape[3], _DTYPE_CODES[row_dtype],
+            _CACHE_CODES[kv_cache.dtype], self.scale, self.k_scale, self.v_scale,
             torch.get_num_threads(), flags)
         if rc:
             raise ValueError(f"cpu attention: {_ERRORS.get(rc, f'kernel error {rc}')}")
@@ -247,7 +296,8 @@ class CpuAttention(AttentionBackend):
 
     def _kv_rows(self, key: torch.Tensor, value: torch.Tensor,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Checked key and value, in the cache's dtype (as the reference writes them)."""
+        """Checked key and value in `dtype`: the cache's (as the reference writes them), or
+        the model's for an fp8 cache, which the kernel rounds to fp8 itself."""
         if key.dtype != dtype:
             key = key.to(dtype)
         if value.dtype != dtype:

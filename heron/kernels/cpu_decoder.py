@@ -55,7 +55,9 @@ class _Model(ctypes.Structure):
                 ("vocab", _i64), ("max_positions", _i64), ("num_blocks", _i64),
                 ("block_size", _i64), ("dtype", _i32), ("eps", ctypes.c_float),
                 ("scale", ctypes.c_float), ("embed", _p), ("final_norm", _p), ("rope", _p),
-                ("layers", ctypes.POINTER(_Layer))]
+                ("layers", ctypes.POINTER(_Layer)),
+                # the KV cache's dtype code (cpu.py's: fp8 caches too) and fp8 scales
+                ("kv_dtype", _i32), ("k_scale", ctypes.c_float), ("v_scale", ctypes.c_float)]
 
 
 class _Batch(ctypes.Structure):
@@ -186,7 +188,7 @@ class CpuDecoder:
             model.num_layers, cfg.hidden_size, model.num_heads, model.num_kv_heads,
             model.head_dim, cfg.intermediate_size, cfg.vocab_size, self._rope.shape[0], 0, 0,
             _DTYPE_CODES[dtype], norm.eps, backend.scale, _ptr(inner.embed_tokens.weight),
-            _ptr(norm.weight), _ptr(self._rope), self._layers)
+            _ptr(norm.weight), _ptr(self._rope), self._layers, _DTYPE_CODES[dtype], 1.0, 1.0)
         self._caches_key: tuple[int, ...] = ()
         self._warned_layout = False
         self._scratch = torch.empty(0, dtype=torch.uint8)
@@ -216,15 +218,19 @@ class CpuDecoder:
     def _bind_caches(self, kv_caches: list[torch.Tensor]) -> bool:
         """Point every layer at its cache (once per list of caches: the runner's stay put).
         False when the caches are not in the C attention kernel's layout (e.g. bfloat16 in
-        blocks of one token, which the attention backend keeps in the reference layout)."""
+        blocks of one token, which the attention backend keeps in the reference layout).
+        The caches hold the model's dtype or one fp8 dtype (kv_cache_dtype="fp8")."""
+        from heron.kernels.cpu import FP8_DTYPES
         key = tuple(c.data_ptr() for c in kv_caches)
         if key == self._caches_key:
             return True
         if len(kv_caches) != self.model.num_layers:
             raise ValueError(f"{len(kv_caches)} KV caches for {self.model.num_layers} layers")
         first = kv_caches[0]
+        if first.dtype != self.dtype and first.dtype not in FP8_DTYPES:
+            return False
         for cache in kv_caches:
-            if cache.dtype != self.dtype or cache.shape != first.shape \
+            if cache.dtype != first.dtype or cache.shape != first.shape \
                     or not self.backend.uses_native_layout(cache) or not cache.is_contiguous():
                 return False
             self.backend._check_cache(cache, cache.shape[3])
@@ -232,6 +238,8 @@ class CpuDecoder:
             layer.kv_cache = cache.data_ptr()
         self._model.num_blocks = first.shape[0]
         self._model.block_size = first.shape[3]
+        self._model.kv_dtype = FP8_DTYPES.get(first.dtype, _DTYPE_CODES[self.dtype])
+        self._model.k_scale, self._model.v_scale = self.backend.k_scale, self.backend.v_scale
         self._caches_key = key
         return True
 

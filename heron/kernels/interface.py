@@ -49,8 +49,17 @@ class AttentionBackend(ABC):
 
     A backend owns the layout of one layer's KV cache tensor (`kv_cache_shape`);
     the model runner allocates one such tensor per layer.
+
+    The cache's dtype is the model's, or with `kv_cache_dtype="fp8"` an fp8 dtype
+    (torch.float8_e4m3fn / float8_e5m2) on backends whose platform declares it; queries
+    and outputs stay in the model's dtype. As in vLLM, fp8 caches store key / k_scale
+    and value / v_scale and read them back times the scale. Both are 1.0 (no scaling:
+    e4m3 covers +-448, far beyond the keys and values of the models heron runs); they
+    are attributes so that a checkpoint's calibrated scales can be set later.
     """
     name: ClassVar[str]
+    k_scale: float = 1.0
+    v_scale: float = 1.0
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float) -> None:
         if num_heads % num_kv_heads:
@@ -73,6 +82,22 @@ class AttentionBackend(ABC):
 
         Stores key/value at `meta.slot_mapping`, then returns [T, num_heads, head_size].
         """
+
+
+# vLLM's kv_cache_dtype names of the fp8 formats ("fp8" is e4m3, as in vLLM).
+_FP8_KV_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
+                  "fp8_e5m2": torch.float8_e5m2}
+
+
+def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The torch dtype of the KV cache for a config's `kv_cache_dtype`: the model's for
+    "auto", torch.float8_e4m3fn for "fp8" and "fp8_e4m3", torch.float8_e5m2 for "fp8_e5m2"."""
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    if kv_cache_dtype not in _FP8_KV_DTYPES:
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not supported; use auto, "
+                         + ", ".join(_FP8_KV_DTYPES))
+    return _FP8_KV_DTYPES[kv_cache_dtype]
 
 
 class CompiledForward(Protocol):

@@ -82,6 +82,8 @@ class Capabilities:
     the loader keeps those quantized for `prepare_model` and dequantizes every other
     format of a GGUF file at load time; `validate()` refuses `quantization="int8"` or
     `"int4"` unless declared.
+    `kv_cache_dtypes` are the `kv_cache_dtype` values (vLLM's: auto, fp8, fp8_e4m3,
+    fp8_e5m2) its attention reads and writes; `validate()` refuses the others.
     """
     dtypes: frozenset[str] = frozenset({"float32"})
     prefix_caching: bool = True
@@ -93,6 +95,7 @@ class Capabilities:
     graph_capture: bool = False
     speculative_decoding: bool = True
     quantization: frozenset[str] = frozenset()
+    kv_cache_dtypes: frozenset[str] = frozenset({"auto"})
 
     @property
     def default_block_size(self) -> int:
@@ -165,6 +168,11 @@ class Platform(ABC):
             allowed = ", ".join(map(str, sorted(sizes)))
             reasons.append(f"block_size {config.cache.block_size} is not supported on {self.name} "
                            f"(supported: {allowed}); pass block_size={min(sizes)} or leave it unset")
+        kv_dtypes = self.capabilities.kv_cache_dtypes
+        if config.cache.kv_cache_dtype not in kv_dtypes:
+            reasons.append(f"kv_cache_dtype {config.cache.kv_cache_dtype!r} is not supported on "
+                           f"{self.name} (supported: {', '.join(sorted(kv_dtypes))}); pass "
+                           "kv_cache_dtype='auto'")
         if config.scheduler.enable_chunked_prefill and not self.capabilities.chunked_prefill:
             reasons.append(f"{self.name} has no chunked prefill; pass enable_chunked_prefill=False")
         if config.parallel.tensor_parallel_size > 1 and not self.capabilities.tensor_parallel:

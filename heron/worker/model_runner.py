@@ -15,7 +15,7 @@ import torch
 from heron.config import EngineConfig
 from heron.core.scheduler import ModelRunnerOutput, SchedulerOutput
 from heron.distributed import TensorParallelGroup
-from heron.kernels.interface import AttentionMetadata
+from heron.kernels.interface import AttentionMetadata, kv_cache_torch_dtype
 from heron.logger import get_logger
 from heron.models.loader import LoadedModel, load_model
 from heron.quantization import dequantize_linears
@@ -62,6 +62,8 @@ class ModelRunner:
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
         self.head_size = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
         self.vocab_size = self.hf_config.vocab_size
+        # The model's dtype, or an fp8 one (kv_cache_dtype="fp8"): one byte per value.
+        self.kv_cache_dtype = kv_cache_torch_dtype(config.cache.kv_cache_dtype, self.dtype)
         backend_cls = platform.attention_backend(self.dtype, self.head_size)
         self.backend = backend_cls(self.num_heads, self.num_kv_heads, self.head_size,
                                    self.head_size ** -0.5)
@@ -72,8 +74,9 @@ class ModelRunner:
         self.sampler = Sampler(self.device, config.model.seed)
         self.kv_caches: list[torch.Tensor] = []
         self.drafter = make_drafter(config, platform, self.device, self.vocab_size)
-        logger.info("model %s loaded: %s, %d layers, attention backend %s",
-                    model_path, self.dtype, self.num_layers, self.backend.name)
+        logger.info("model %s loaded: %s, %d layers, attention backend %s, KV cache %s",
+                    model_path, self.dtype, self.num_layers, self.backend.name,
+                    str(self.kv_cache_dtype).removeprefix("torch."))
 
     # -- memory -------------------------------------------------------------------------
 
@@ -90,7 +93,8 @@ class ModelRunner:
     def kv_block_bytes(self) -> int:
         """Bytes one block takes across all layers (and the draft model's, whose cache has
         as many blocks, so that the KV budget holds both)."""
-        per_layer = int(np.prod(self.kv_cache_shape(1))) * torch.finfo(self.dtype).bits // 8
+        per_layer = (int(np.prod(self.kv_cache_shape(1)))
+                     * torch.finfo(self.kv_cache_dtype).bits // 8)
         drafter = self.drafter.kv_block_bytes() if self.drafter else 0
         return per_layer * self.num_layers + drafter
 
@@ -99,7 +103,7 @@ class ModelRunner:
         # Uninitialised on purpose: blocks are recycled without clearing anyway, so no
         # backend may read a slot this sequence has not written; and untouched pages of a
         # large cache cost neither time nor resident memory.
-        self.kv_caches = [torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.kv_caches = [torch.empty(shape, dtype=self.kv_cache_dtype, device=self.device)
                           for _ in range(self.num_layers)]
         if self.drafter:
             self.drafter.initialize_cache(num_blocks)
@@ -112,7 +116,7 @@ class ModelRunner:
         tokens are split into sequences no longer than the model's context."""
         meta, num_blocks = profile_metadata(num_tokens, self.model_max_len, self.block_size,
                                             self.device)
-        caches = [torch.zeros(self.kv_cache_shape(num_blocks), dtype=self.dtype,
+        caches = [torch.zeros(self.kv_cache_shape(num_blocks), dtype=self.kv_cache_dtype,
                               device=self.device) for _ in range(self.num_layers)]
         ids = torch.zeros(meta.num_tokens, dtype=torch.long, device=self.device)
         start = time.perf_counter()

@@ -16,6 +16,14 @@
  *                                            vdpbf16ps as they are
  *   values  [block_size / P][head_size][P]   one word = one dim of P tokens
  *
+ * fp8 caches (float8_e4m3fn, float8_e5m2; queries, new keys/values and outputs stay
+ * in the model's float32 or bfloat16) use the float32 layout, P = 1, one byte per
+ * element. Writes store x / k_scale (or v_scale) rounded to nearest even as torch's
+ * .to(float8_*) does (e4m3fn saturates to +-448, e5m2 overflows to inf); reads
+ * decode 8 or 16 bytes at once with integer arithmetic into float32 (exact), and
+ * the scales are applied once per score (k_scale, folded into the softmax scale) and
+ * once per output row (v_scale), never per element.
+ *
  * Work is split into items: (sequence, tile of up to ROWS_TARGET / num_heads
  * query tokens), all heads. An item walks its context in segments of SEG keys
  * with an online softmax in float32: scores for every row (Q @ K^T, block by
@@ -37,7 +45,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -71,7 +79,10 @@
 #define PV_ROWS 2
 #endif
 
-enum { DT_F32 = 0, DT_BF16 = 1 };
+/* dtype codes: the model's (queries, new keys/values, outputs) is F32 or BF16; the
+ * cache's is that one or an fp8 format */
+enum { DT_F32 = 0, DT_BF16 = 1, DT_E4M3 = 2, DT_E5M2 = 3 };
+#define IS_FP8(dt) ((dt) >= DT_E4M3)
 enum { F_WRITE_KV = 1, F_ATTEND = 2 };
 enum {
     E_ARGS = -1, E_QUERY_START_LOC = -2, E_SEQ_LENS = -3, E_BLOCK_TABLE = -4, E_SLOT = -5,
@@ -200,11 +211,112 @@ INLINE vf vexp(vf x) {
 
 INLINE float sexp(float x) { return vexp(vsplat(x))[0]; }
 
+/* ---------------------------------------------------------------- fp8 */
+
+typedef uint8_t vb __attribute__((vector_size(VL)));
+
+#if defined(__F16C__) && (VL == 8 || defined(__AVX512F__))
+/* fp8 codes -> float32 exactly through the hardware's float16 conversion: an e5m2 code
+ * is the top byte of a float16; an e4m3 code's exponent and mantissa placed in a float16
+ * are its value times 2^-8 (subnormals included), with 0x7f made NaN. About half the
+ * instructions of the integer version below, and the decode is what fp8 attention's
+ * inner loops spend their time on (3x bfloat16's attention without it). */
+INLINE vf fp8_decode(vb b, const int FMT) {
+    vh x = __builtin_convertvector(b, vh), h;
+    if (FMT == DT_E5M2) {
+        h = x << 8;
+    } else {
+        vh mag = x & 0x7f;
+        h = (mag << 7) | ((x & 0x80) << 8) | ((vh)(mag == 0x7f) & 0x7e00);
+    }
+#if VL == 16
+    vf f = (vf)_mm512_cvtph_ps((__m256i)h);
+#else
+    vf f = (vf)_mm256_cvtph_ps((__m128i)h);
+#endif
+    return FMT == DT_E4M3 ? f * 256.0f : f;
+}
+#else
+/* fp8 codes -> float32, exactly: normals by moving the exponent and mantissa into
+ * place and rebiasing, subnormals as (mantissa * 2^-(bias+M-1)), so no float32
+ * denormal (slow on x86) is ever formed; e4m3fn's 0x7f is NaN, e5m2's top exponent
+ * inf/NaN. FMT is a compile-time DT_E4M3 or DT_E5M2. */
+INLINE vf fp8_decode(vb b, const int FMT) {
+    vu x = __builtin_convertvector(b, vu);
+    const int M = FMT == DT_E4M3 ? 3 : 2;                     /* mantissa bits */
+    const uint32_t rebias = FMT == DT_E4M3 ? 127 - 7 : 127 - 15;
+    const uint32_t special = FMT == DT_E4M3 ? 0x7f : 0x7c;    /* first inf/NaN code */
+    const float sub_unit = FMT == DT_E4M3 ? 0x1p-9f : 0x1p-16f;
+    vu mag = x & 0x7fu, sign = (x & 0x80u) << 24;
+    vu normal = (mag << (23 - M)) + (rebias << 23);
+    vf sub = __builtin_convertvector((vi)mag, vf) * sub_unit;
+    vi is_sub = mag < (1u << M), is_special = mag >= special;
+    vi bits = ((vi)normal & ~is_sub) | ((vi)sub & is_sub);
+    bits = (bits & ~is_special) | ((vi)((mag << (23 - M)) | 0x7f800000u) & is_special);
+    return (vf)((vu)bits | sign);
+}
+#endif
+
+/* the first n (<= VL) fp8 codes at p as floats, zeros after */
+INLINE vf vload_fp8_n(const uint8_t *p, int n, const int FMT) {
+    vb b = {0};
+    if (n == VL) memcpy(&b, p, sizeof b);
+    else for (int i = 0; i < n; i++) b[i] = p[i];
+    return fp8_decode(b, FMT);
+}
+
+/* float32 -> fp8 with round-to-nearest-even, bit for bit what torch's .to(float8_*)
+ * gives: NaN stays NaN (sign kept); e4m3fn has no inf and saturates to +-448 (inf
+ * included); e5m2 overflows to inf from 61440 up. Subnormals round through one float
+ * addition of a power of two whose last mantissa bit is the smallest subnormal. */
+static uint8_t fp8_encode(float f, int fmt) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    const uint8_t sign = (uint8_t)((u >> 24) & 0x80u);
+    u &= 0x7fffffffu;
+    if (u > 0x7f800000u) return sign | 0x7f;
+    const int e4m3 = fmt == DT_E4M3, M = e4m3 ? 3 : 2;
+    const uint32_t bias = e4m3 ? 7 : 15;
+    if (e4m3 && u >= 0x43e00000u) return sign | 0x7e;         /* >= 448: the max finite */
+    if (!e4m3 && u >= (143u << 23)) return sign | 0x7c;       /* >= 65536: inf */
+    if (u < ((127u - bias + 1) << 23)) {                      /* below the smallest normal */
+        const uint32_t magic = (127u - bias + 1 - M + 23) << 23;
+        float m, r;
+        memcpy(&m, &magic, sizeof m);
+        memcpy(&r, &u, sizeof r);
+        r += m;
+        memcpy(&u, &r, sizeof u);
+        return sign | (uint8_t)(u - magic);
+    }
+    /* rebias the exponent, then round the dropped bits to nearest, ties to even */
+    u = u - ((127u - bias) << 23) + ((1u << (22 - M)) - 1) + ((u >> (23 - M)) & 1u);
+    return sign | (uint8_t)(u >> (23 - M));
+}
+
+/* Conversions for tests (heron/kernels/cpu.py): n values each way. */
+void heron_fp8_encode(const float *x, uint8_t *out, int64_t n, int fmt) {
+    for (int64_t i = 0; i < n; i++) out[i] = fp8_encode(x[i], fmt);
+}
+void heron_fp8_decode(const uint8_t *x, float *out, int64_t n, int fmt) {
+    int64_t i = 0;
+    for (; i + VL <= n; i += VL) {
+        vf f = fmt == DT_E4M3 ? vload_fp8_n(x + i, VL, DT_E4M3) : vload_fp8_n(x + i, VL, DT_E5M2);
+        vstore(out + i, f);
+    }
+    for (; i < n; i++) {
+        vf f = fmt == DT_E4M3 ? vload_fp8_n(x + i, 1, DT_E4M3) : vload_fp8_n(x + i, 1, DT_E5M2);
+        out[i] = f[0];
+    }
+}
+
 /* ---------------------------------------------------------------- work items */
 
 typedef struct {
-    int D, B, G, Hq, Hk, dtype, esz;
-    float scale;
+    int D, B, G, Hq, Hk;
+    int dtype, esz;                      /* the cache's dtype code and element size */
+    int qdt, qesz;                       /* queries', outputs' and new keys/values' */
+    float scale;                         /* softmax scale times k_scale */
+    float k_scale, v_scale;              /* fp8 caches: stored = x / scale */
     const char *q;
     int64_t q_stride;                    /* elements between tokens */
     char *out;                           /* contiguous [T, Hq, D] */
@@ -266,10 +378,10 @@ INLINE void prefetch_two_lines(const char *pfk, const char *pfv, int line, int s
  * bursts of prefetches stall, so each step of the dim loop also prefetches two
  * lines of pfk (the same head's keys in the next block) and two of pfv (the
  * values of this block, which P @ V reads after this segment); NULL: none. */
-INLINE void qk_tile(const Ctx *c, Item *it, int r0, const int NR, const int BF16,
+INLINE void qk_tile(const Ctx *c, Item *it, int r0, const int NR, const int KT,
                     int seg0, int col0, int col1, const char *pfk, const char *pfv) {
     const int D = c->D, B = c->B;
-    const int slab_lines = B * D * c->esz / 64, steps = BF16 ? D / 4 : D / 2;
+    const int slab_lines = B * D * c->esz / 64, steps = KT == DT_BF16 ? D / 4 : D / 2;
     const uint32_t *qw[12];
     const float *qf[12];
     int pos[12];
@@ -294,7 +406,7 @@ INLINE void qk_tile(const Ctx *c, Item *it, int r0, const int NR, const int BF16
          * chains, which otherwise bound decode with its few rows */
         vf acc[12], acc2[12];                         /* QK_ROWS <= 12: the dispatch's size */
         for (int r = 0; r < NR; r++) acc[r] = acc2[r] = vsplat(0.0f);
-        if (BF16) {
+        if (KT == DT_BF16) {
             const uint32_t *kw = (const uint32_t *)ks + off;
             for (int j = 0; j < D / 2; j += 2, line += 2) {
                 prefetch_two_lines(pfk, pfv, line, slab_lines);
@@ -323,12 +435,15 @@ INLINE void qk_tile(const Ctx *c, Item *it, int r0, const int NR, const int BF16
                 }
 #endif
             }
-        } else {
+        } else {                                      /* float32 or fp8: one key per lane */
             const float *kf = (const float *)ks + off;
+            const uint8_t *kb = (const uint8_t *)ks + off;
             for (int d = 0; d < D; d += 2, line += 2) {
                 prefetch_two_lines(pfk, pfv, line, slab_lines);
-                vf kv = vload_n(kf + (int64_t)d * B, n);
-                vf kv2 = vload_n(kf + (int64_t)(d + 1) * B, n);
+                vf kv = KT == DT_F32 ? vload_n(kf + (int64_t)d * B, n)
+                                     : vload_fp8_n(kb + (int64_t)d * B, n, KT);
+                vf kv2 = KT == DT_F32 ? vload_n(kf + (int64_t)(d + 1) * B, n)
+                                      : vload_fp8_n(kb + (int64_t)(d + 1) * B, n, KT);
 #pragma GCC unroll 12
                 for (int r = 0; r < NR; r++) {
                     acc[r] += qf[r][d] * kv;
@@ -347,8 +462,8 @@ INLINE void qk_tile(const Ctx *c, Item *it, int r0, const int NR, const int BF16
     }
 }
 
-#define QK_CASE(NR) case NR: qk_tile(c, it, r0, NR, BF16, seg0, col0, col1, pfk, pfv); break;
-INLINE void qk_rows(const Ctx *c, Item *it, const int BF16, int seg0, int col0, int col1,
+#define QK_CASE(NR) case NR: qk_tile(c, it, r0, NR, KT, seg0, col0, col1, pfk, pfv); break;
+INLINE void qk_rows(const Ctx *c, Item *it, const int KT, int seg0, int col0, int col1,
                     const char *pfk, const char *pfv) {
     for (int r0 = 0; r0 < it->R; r0 += QK_ROWS, pfk = pfv = NULL) {
         int nr = it->R - r0 < QK_ROWS ? it->R - r0 : QK_ROWS;
@@ -372,8 +487,12 @@ static void qk_segment(const Ctx *c, Item *heads, int h0, int h1, int seg0, int 
         for (int h = h0; h < h1; h++) {
             const char *pfk = (b + PF_AHEAD) * B < nkeys ? kslab(c, btab[b + PF_AHEAD], h) : NULL;
             const char *pfv = vslab(c, btab[b], h);
-            if (c->dtype == DT_BF16) qk_rows(c, &heads[h], 1, seg0, col0, col1, pfk, pfv);
-            else qk_rows(c, &heads[h], 0, seg0, col0, col1, pfk, pfv);
+            switch (c->dtype) {                     /* one specialised loop per cache dtype */
+            case DT_BF16: qk_rows(c, &heads[h], DT_BF16, seg0, col0, col1, pfk, pfv); break;
+            case DT_E4M3: qk_rows(c, &heads[h], DT_E4M3, seg0, col0, col1, pfk, pfv); break;
+            case DT_E5M2: qk_rows(c, &heads[h], DT_E5M2, seg0, col0, col1, pfk, pfv); break;
+            default: qk_rows(c, &heads[h], DT_F32, seg0, col0, col1, pfk, pfv);
+            }
         }
         col0 = col1;
     }
@@ -419,7 +538,7 @@ static void softmax_segment(Item *it, int seg_n) {
  * of the segment, with the accumulators in registers. bfloat16 values come as
  * 32-bit words holding one dim of two consecutive tokens. */
 INLINE void pv_tile(const Ctx *c, Item *it, int r0, const int NR, int v0, const int NV,
-                    const int BF16, int seg0, int kend) {
+                    const int KT, int seg0, int kend) {
     const int D = c->D, B = c->B;
     vf acc[6][PV_COLS];                   /* PV_ROWS <= 6: the size of the dispatch */
     for (int r = 0; r < NR; r++) {
@@ -430,7 +549,7 @@ INLINE void pv_tile(const Ctx *c, Item *it, int r0, const int NR, int v0, const 
         const int kpos = seg0 + col, off = kpos % B;
         const int cnt = B - off < kend - col ? B - off : kend - col;
         const char *vs = vslab(c, it->btab[kpos / B], it->kvh);
-        if (BF16) {
+        if (KT == DT_BF16) {
             /* off and col are even: segments and blocks start at even keys */
             const uint32_t *vw = (const uint32_t *)vs + (int64_t)(off / 2) * D + v0 * VL;
             for (int t = 0; t < cnt; t += 2) {
@@ -456,8 +575,10 @@ INLINE void pv_tile(const Ctx *c, Item *it, int r0, const int NR, int v0, const 
         } else {
             for (int t = 0; t < cnt; t++) {
                 const float *row = (const float *)vs + (int64_t)(off + t) * D + v0 * VL;
+                const uint8_t *brow = (const uint8_t *)vs + (int64_t)(off + t) * D + v0 * VL;
                 vf vv[PV_COLS];
-                for (int v = 0; v < NV; v++) vv[v] = vload(row + v * VL);
+                for (int v = 0; v < NV; v++)
+                    vv[v] = KT == DT_F32 ? vload(row + v * VL) : vload_fp8_n(brow + v * VL, VL, KT);
 #pragma GCC unroll 6
                 for (int r = 0; r < NR; r++) {
                     float p = it->S[(int64_t)(r0 + r) * SROW + col + t];
@@ -474,14 +595,20 @@ INLINE void pv_tile(const Ctx *c, Item *it, int r0, const int NR, int v0, const 
 }
 
 #define PV_CASE(NR, NV) \
-    case NR * 8 + NV: pv_tile(c, it, r0, NR, v0, NV, BF16, seg0, kend); break;
+    case NR * 8 + NV: pv_tile(c, it, r0, NR, v0, NV, KT, seg0, kend); break;
 #define PV_CASES(NR) PV_CASE(NR, 1) PV_CASE(NR, 2) PV_CASE(NR, 3) PV_CASE(NR, 4)
-INLINE void pv_rows(const Ctx *c, Item *it, const int BF16, int seg0, int seg_n) {
+INLINE void pv_rows(const Ctx *c, Item *it, const int KT, int seg0, int seg_n) {
     const int nvec = c->D / VL;
-    for (int v0 = 0; v0 < nvec; v0 += PV_COLS) {
-        int nv = nvec - v0 < PV_COLS ? nvec - v0 : PV_COLS;
-        for (int r0 = 0; r0 < it->R; r0 += PV_ROWS) {
-            int nr = it->R - r0 < PV_ROWS ? it->R - r0 : PV_ROWS;
+    /* A tile decodes each fp8 value it reads, so fp8 takes the tallest tile: 6 rows (a
+     * decode step's query heads per kv head, usually) by 2 vectors on AVX2 (15 registers)
+     * decode every value once where 2 x 4 decoded it R / 2 times. A row's arithmetic is
+     * the same in any tile. */
+    const int tile_rows = IS_FP8(KT) ? 6 : PV_ROWS;
+    const int tile_cols = IS_FP8(KT) && PV_ROWS < 6 ? 2 : PV_COLS;
+    for (int v0 = 0; v0 < nvec; v0 += tile_cols) {
+        int nv = nvec - v0 < tile_cols ? nvec - v0 : tile_cols;
+        for (int r0 = 0; r0 < it->R; r0 += tile_rows) {
+            int nr = it->R - r0 < tile_rows ? it->R - r0 : tile_rows;
             /* rows are in position order: keys past the tile's last row are all masked */
             int kend = it->pos[r0 + nr - 1] - seg0 + 1;
             if (kend > seg_n) kend = seg_n;
@@ -515,19 +642,18 @@ static void attend_item(const Ctx *c, const Item *base, Item *heads, int seq, in
         };
         for (int r = 0; r < R; r++) {
             const char *qrow = c->q + ((int64_t)(tok0 + r / G) * c->q_stride +
-                                       (int64_t)(h * G + r % G) * D) * c->esz;
+                                       (int64_t)(h * G + r % G) * D) * c->qesz;
             it->m[r] = -INFINITY;
             it->l[r] = 0.0f;
             memset(it->acc + (int64_t)r * D, 0, sizeof(float) * D);
-            if (c->dtype == DT_F32) {
+            if (c->qdt == DT_F32) {
                 it->qf[r] = (const float *)qrow;
             } else {
                 it->qw[r] = (const uint32_t *)qrow;           /* for vdpbf16ps */
                 float *qb = it->qbuf + (int64_t)r * D;        /* for float math without it */
-#if !USE_DPBF16
-                for (int d = 0; d < D; d += VL)
-                    vstore(qb + d, vload_bf16((const uint16_t *)qrow + d));
-#endif
+                if (!USE_DPBF16 || c->dtype != DT_BF16)       /* fp8 keys: float math */
+                    for (int d = 0; d < D; d += VL)
+                        vstore(qb + d, vload_bf16((const uint16_t *)qrow + d));
                 it->qf[r] = qb;
             }
         }
@@ -542,19 +668,25 @@ static void attend_item(const Ctx *c, const Item *base, Item *heads, int seq, in
         qk_segment(c, heads, h0, h1, seg0, seg_n, nkeys);
         for (int h = h0; h < h1; h++) {
             softmax_segment(&heads[h], seg_n);
-            if (c->dtype == DT_BF16) pv_rows(c, &heads[h], 1, seg0, seg_n);
-            else pv_rows(c, &heads[h], 0, seg0, seg_n);
+            switch (c->dtype) {
+            case DT_BF16: pv_rows(c, &heads[h], DT_BF16, seg0, seg_n); break;
+            case DT_E4M3: pv_rows(c, &heads[h], DT_E4M3, seg0, seg_n); break;
+            case DT_E5M2: pv_rows(c, &heads[h], DT_E5M2, seg0, seg_n); break;
+            default: pv_rows(c, &heads[h], DT_F32, seg0, seg_n);
+            }
         }
     }
     for (int h = h0; h < h1; h++) {
         const Item *it = &heads[h];
         for (int r = 0; r < R; r++) {
-            float inv = 1.0f / it->l[r];
+            /* v_scale (1 but for fp8 caches) once per row rather than per value read:
+             * sum p * (v * s) = s * sum p * v, and no batch-dependent order either way */
+            float inv = c->v_scale / it->l[r];
             const int64_t row = (int64_t)(tok0 + r / G) * c->Hq + h * G + r % G;
-            char *orow = c->out + row * D * c->esz;
+            char *orow = c->out + row * D * c->qesz;
             for (int d = 0; d < D; d += VL) {
                 vf o = vload(it->acc + (int64_t)r * D + d) * inv;
-                if (c->dtype == DT_BF16) vstore_bf16((uint16_t *)orow + d, o);
+                if (c->qdt == DT_BF16) vstore_bf16((uint16_t *)orow + d, o);
                 else vstore((float *)orow + d, o);
             }
         }
@@ -563,14 +695,37 @@ static void attend_item(const Ctx *c, const Item *base, Item *heads, int seq, in
 
 /* ---------------------------------------------------------------- cache writes */
 
+/* One element of a new key/value row (the model's dtype) as a float. */
+INLINE float row_value(const Ctx *c, const char *row, int d) {
+    if (c->qdt == DT_F32) return ((const float *)row)[d];
+    uint32_t u = (uint32_t)((const uint16_t *)row)[d] << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* fp8 caches: keys [D][B] and values [B][D], one byte each (the float32 layout). */
+static void write_token_fp8(const Ctx *c, const char *krow, const char *vrow, uint8_t *ks,
+                            uint8_t *vs, int off) {
+    const int D = c->D, B = c->B;
+    for (int d = 0; d < D; d++) {
+        ks[(int64_t)d * B + off] = fp8_encode(row_value(c, krow, d) / c->k_scale, c->dtype);
+        vs[(int64_t)off * D + d] = fp8_encode(row_value(c, vrow, d) / c->v_scale, c->dtype);
+    }
+}
+
 static void write_token(const Ctx *c, const char *k, int64_t k_stride, const char *v,
                         int64_t v_stride, int64_t i, int64_t slot) {
     const int D = c->D, B = c->B, esz = c->esz;
     const int blk = (int)(slot / B), off = (int)(slot % B);
     for (int h = 0; h < c->Hk; h++) {
-        const char *krow = k + (i * k_stride + (int64_t)h * D) * esz;
-        const char *vrow = v + (i * v_stride + (int64_t)h * D) * esz;
+        const char *krow = k + (i * k_stride + (int64_t)h * D) * c->qesz;
+        const char *vrow = v + (i * v_stride + (int64_t)h * D) * c->qesz;
         char *ks = (char *)kslab(c, blk, h), *vs = (char *)vslab(c, blk, h);
+        if (IS_FP8(c->dtype)) {
+            write_token_fp8(c, krow, vrow, (uint8_t *)ks, (uint8_t *)vs, off);
+            continue;
+        }
         /* keys: one 32-bit word (P dims) per token, words of a dim group B apart */
         uint32_t *kw = (uint32_t *)ks + off;
         for (int j = 0; j < D * esz / 4; j++) memcpy(kw + (int64_t)j * B, krow + 4 * j, 4);
@@ -645,16 +800,24 @@ int heron_attention(const void *q, int64_t q_stride, const void *k, int64_t k_st
                     int64_t num_blocks, const int32_t *query_start_loc, const int32_t *seq_lens,
                     const int32_t *block_tables, int64_t bt_stride, int64_t max_blocks,
                     const int64_t *slot_mapping, int num_seqs, int num_tokens, int num_heads,
-                    int num_kv_heads, int head_size, int block_size, int dtype, float scale,
-                    int num_threads, int flags) {
+                    int num_kv_heads, int head_size, int block_size, int dtype, int cache_dtype,
+                    float scale, float k_scale, float v_scale, int num_threads, int flags) {
     const int D = head_size, B = block_size;
+    /* a float32 or bfloat16 cache holds the model's dtype; fp8 caches take either */
+    const int cache_ok = cache_dtype == dtype || IS_FP8(cache_dtype);
     if (D <= 0 || D % VL || B <= 0 || num_kv_heads <= 0 || num_heads % num_kv_heads ||
-        (dtype != DT_F32 && dtype != DT_BF16) || (dtype == DT_BF16 && B % 2) || num_seqs < 0 ||
-        num_tokens < 0)
+        (dtype != DT_F32 && dtype != DT_BF16) || !cache_ok || cache_dtype > DT_E5M2 ||
+        (cache_dtype == DT_BF16 && B % 2) || num_seqs < 0 || num_tokens < 0 ||
+        !(k_scale > 0.0f) || !(v_scale > 0.0f))
         return E_ARGS;
+    const int fp8 = IS_FP8(cache_dtype);
     Ctx c = {
         .D = D, .B = B, .G = num_heads / num_kv_heads, .Hq = num_heads, .Hk = num_kv_heads,
-        .dtype = dtype, .esz = dtype == DT_BF16 ? 2 : 4, .scale = scale,
+        .dtype = cache_dtype, .esz = fp8 ? 1 : cache_dtype == DT_BF16 ? 2 : 4,
+        .qdt = dtype, .qesz = dtype == DT_BF16 ? 2 : 4,
+        /* k_scale folded into the scores' scale: one multiply per score, not per key */
+        .scale = fp8 ? scale * k_scale : scale,
+        .k_scale = fp8 ? k_scale : 1.0f, .v_scale = fp8 ? v_scale : 1.0f,
         .q = q, .q_stride = q_stride, .out = out,
         .cache = kv_cache,
         .qsl = query_start_loc, .seq_lens = seq_lens, .btab = block_tables, .bt_stride = bt_stride,

@@ -13,7 +13,8 @@
  *
  * Buffers are the caller's: one scratch block sized by heron_decoder_scratch_bytes
  * for the step's token count. Everything is row-major; dtype codes 0 float32,
- * 1 bfloat16 (weights, activations and the KV cache share one dtype).
+ * 1 bfloat16 (weights and activations share one dtype; the KV cache has it too, or
+ * is fp8: kv_dtype 2 e4m3fn, 3 e5m2, which only the attention kernel reads).
  */
 #include <stdint.h>
 #include <string.h>
@@ -34,8 +35,9 @@ typedef int (*attention_fn)(const void *q, int64_t q_stride, const void *k, int6
                             const int32_t *seq_lens, const int32_t *block_tables,
                             int64_t bt_stride, int64_t max_blocks, const int64_t *slot_mapping,
                             int num_seqs, int num_tokens, int num_heads, int num_kv_heads,
-                            int head_size, int block_size, int dtype, float scale,
-                            int num_threads, int flags);
+                            int head_size, int block_size, int dtype, int cache_dtype,
+                            float scale, float k_scale, float v_scale, int num_threads,
+                            int flags);
 
 /* The kernels, from their own libraries. */
 typedef struct {
@@ -79,6 +81,8 @@ typedef struct {
     const void *final_norm;     /* [hidden] */
     const void *rope;           /* [max_positions, head_dim] cos|sin */
     const Layer *layers;
+    int kv_dtype;               /* the KV cache's dtype code (see above) */
+    float k_scale, v_scale;     /* fp8 caches: stored = key / k_scale, value / v_scale */
 } Model;
 
 /* The step's batch layout (see heron/kernels/interface.py, AttentionMetadata). */
@@ -172,8 +176,8 @@ int heron_decoder_forward(const Kernels *k, const Model *m, const Batch *b, void
                               qkv_n, attn, L->kv_cache, m->num_blocks, b->query_start_loc,
                               b->seq_lens, b->block_tables, b->bt_stride, b->max_blocks,
                               b->slot_mapping, b->num_seqs, (int)T, (int)m->num_heads,
-                              (int)m->num_kv_heads, (int)D, (int)m->block_size, dt, m->scale,
-                              nthreads, ATTEND_AND_WRITE);
+                              (int)m->num_kv_heads, (int)D, (int)m->block_size, dt, m->kv_dtype,
+                              m->scale, m->k_scale, m->v_scale, nthreads, ATTEND_AND_WRITE);
         if (rc) return rc;
         charge(timings, T_ATTENTION, &last);
         if (run_linear(k, &L->o, attn, q_size, x, H, T, H, q_size, dt, nthreads))

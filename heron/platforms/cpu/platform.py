@@ -6,6 +6,7 @@ import shutil
 from typing import TYPE_CHECKING
 
 from heron import envs
+from heron.config import KV_CACHE_DTYPES
 from heron.logger import get_logger
 from heron.platforms.interface import (ALL_INVARIANCES, Capabilities, Detection, MemoryInfo,
                                       MemoryProfile, Platform, RankPlacement)
@@ -38,7 +39,9 @@ class CpuPlatform(Platform):
     @property  # type: ignore[override]
     def capabilities(self) -> Capabilities:
         """Invariant in float32 and bfloat16 while its C kernels run the linear layers and
-        the attention (the default; they need gcc). float16 runs on torch's kernels."""
+        the attention (the default; they need gcc). float16 runs on torch's kernels. Every
+        kv_cache_dtype: the C attention reads and writes fp8 caches itself (the reference
+        backend upcasts them)."""
         invariant = (batch_invariant_mode() and shutil.which("gcc") is not None
                      and envs.get("HERON_CPU_ATTENTION") != "reference")
         return Capabilities(dtypes=frozenset({"float32", "bfloat16", "float16"}),
@@ -46,7 +49,8 @@ class CpuPlatform(Platform):
                             invariances=ALL_INVARIANCES if invariant else frozenset(),
                             invariant_dtypes=frozenset({"float32", "bfloat16"}) if invariant
                             else frozenset(), graph_capture=True,
-                            quantization=self._quantized_formats())
+                            quantization=self._quantized_formats(),
+                            kv_cache_dtypes=frozenset(KV_CACHE_DTYPES))
 
     @staticmethod
     def _quantized_formats() -> frozenset[str]:
