@@ -21,14 +21,14 @@ from heron.quantization.weight_only import quantize_int4, quantize_int8
 gguf = pytest.importorskip("gguf")
 pytestmark = pytest.mark.skipif(load_quant()[0] is None, reason="cpu_quant.c does not build here")
 
-FORMATS = ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k", "int8", "int4"]
+FORMATS = ["q4_0", "q4_1", "q5_0", "q8_0", "q4_k", "q6_k", "int8", "int4"]
 
 
 def random_tensor(qtype: str, n: int, k: int, rng: np.random.Generator) -> QuantizedTensor:
     """Random rows in `qtype`: quantized from Gaussian weights where gguf quantizes the
     format, else random block bytes with sane float16 scales."""
     kind = gguf.GGMLQuantizationType[qtype.upper()] if qtype.startswith("q") else None
-    if qtype in ("q4_0", "q4_1", "q8_0"):
+    if qtype in ("q4_0", "q4_1", "q5_0", "q8_0"):
         data = gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32), kind)
         return QuantizedTensor(qtype, (n, k), torch.from_numpy(data), qtype)
     if qtype in ("int8", "int4"):

@@ -9,8 +9,9 @@ value (tests/test_cpu_quant.py checks the layer against dequantize-then-matmul).
 
 Layouts (see the C file): 4-bit with a float32 scale and offset per 32 weights of a row
 (Q4_0, Q4_1, Q4_K and int4), and 8-bit with a float32 scale per 16 or 32 (Q8_0, Q6_K,
-int8). Q6_K's 6-bit values are held in 8 bits, so it reads 1.25 bytes per weight
-against the file's 0.82.
+Q5_0, int8). Q6_K's and Q5_0's values are held in 8 bits, so they read 1.25 bytes per
+weight against the file's 0.82 and 0.69. Other GGUF formats (Q5_1, Q2_K, Q3_K, Q5_K,
+float16 ...) are dequantized at load time.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 FOUR_BIT, EIGHT_BIT = 1, 2
 MAX_SEGMENTS = 8
 # Formats this kernel runs (their weights must have in_features divisible by 32).
-CPU_KERNEL_FORMATS = frozenset({"q4_0", "q4_1", "q4_k", "q8_0", "q6_k", "int8", "int4"})
+CPU_KERNEL_FORMATS = frozenset({"q4_0", "q4_1", "q4_k", "q5_0", "q8_0", "q6_k", "int8", "int4"})
 
 _i32, _i64, _p = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
 
@@ -99,6 +100,14 @@ def _decode_q4_1(data: np.ndarray, k: int) -> Decoded:
                    _f16(b[..., 2:4]))
 
 
+def _decode_q5_0(data: np.ndarray, k: int) -> Decoded:
+    b = _blocks(data, k, 32, 22)
+    high = np.ascontiguousarray(b[..., 2:6]).view(np.uint32)          # bit i: value i's 5th bit
+    bits = ((high >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+    q = (_nibbles_32(b[..., 6:]) | (bits << 4)).astype(np.int16) - 16
+    return Decoded(8, 32, q.astype(np.int8).reshape(len(data), k), _f16(b[..., 0:2]), None)
+
+
 def _decode_q8_0(data: np.ndarray, k: int) -> Decoded:
     b = _blocks(data, k, 32, 34)
     q = np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(len(data), k)
@@ -156,7 +165,8 @@ def _decode_int4(data: np.ndarray, k: int) -> Decoded:
     return Decoded(4, 32, q, scale, offset)
 
 
-_DECODERS = {"q4_0": _decode_q4_0, "q4_1": _decode_q4_1, "q8_0": _decode_q8_0,
+_DECODERS = {"q4_0": _decode_q4_0, "q4_1": _decode_q4_1, "q5_0": _decode_q5_0,
+             "q8_0": _decode_q8_0,
              "q4_k": _decode_q4_k, "q6_k": _decode_q6_k, "int8": _decode_int8,
              "int4": _decode_int4}
 
