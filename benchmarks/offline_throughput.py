@@ -47,7 +47,8 @@ class UtilizationProbe:
 def main() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=None, help="HF folder (default: embedded SmolLM2)")
+    ap.add_argument("--model", default=None,
+                    help="HF folder or .gguf file (default: embedded SmolLM2, bf16 folder)")
     ap.add_argument("--workload", default="offline-64")
     ap.add_argument("--anchors", default=os.path.join(here, "..", "..", "shared", "anchors"))
     ap.add_argument("--dtype", default="bfloat16")
@@ -60,6 +61,8 @@ def main() -> None:
                     help='vLLM\'s JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
     ap.add_argument("--enforce-eager", action="store_true",
                     help="the layers from Python, not the platform's compiled forward")
+    ap.add_argument("--quantization", default=None, choices=["int8", "int4"])
+    ap.add_argument("--kv-cache-dtype", default="auto")
     a = ap.parse_args()
     import torch
     if a.threads:
@@ -70,7 +73,8 @@ def main() -> None:
     llm = LLM(a.model, dtype=a.dtype, max_model_len=a.max_model_len,
               max_num_batched_tokens=a.max_num_batched_tokens, max_num_seqs=a.max_num_seqs,
               enable_prefix_caching=not a.no_prefix_caching, enforce_eager=a.enforce_eager,
-              speculative_config=a.speculative_config)
+              speculative_config=a.speculative_config, quantization=a.quantization,
+              kv_cache_dtype=a.kv_cache_dtype)
     engine = llm.llm_engine
     params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
     llm.generate([r.prompt for r in reqs[:2]], params[:2], use_tqdm=False)  # warm-up
@@ -90,7 +94,9 @@ def main() -> None:
     prompt = sum(len(o.prompt_token_ids) for o in outputs.values())
     print(json.dumps({
         "engine": "heron" + (" eager" if a.enforce_eager else "")
-                  + (" speculative" if a.speculative_config else ""), "workload": a.workload, "requests": len(reqs), "threads": torch.get_num_threads(),
+                  + (" speculative" if a.speculative_config else "")
+                  + (f" {a.quantization}" if a.quantization else "")
+                  + (" gguf" if str(a.model).endswith(".gguf") else ""), "workload": a.workload, "requests": len(reqs), "threads": torch.get_num_threads(),
         "prompt_tokens": prompt, "generated_tokens": generated, "seconds": round(seconds, 3),
         "generated_tok_per_s": round(generated / seconds, 1),
         "total_tok_per_s": round((generated + prompt) / seconds, 1),

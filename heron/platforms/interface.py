@@ -78,11 +78,10 @@ class Capabilities:
     tentative tokens per request in one step, logits at each of them) and runs a draft
     model; `validate()` refuses a `speculative_config` when False.
     `quantization` names the weight formats the platform's kernels run without making
-    them dense (GGUF's `q4_0`, `q4_1`, `q4_k`, `q5_0`, `q8_0`, `q6_k`; heron's `int8`,
-    `int4`):
-    the loader keeps those quantized for `prepare_model` and dequantizes every other
-    format of a GGUF file at load time; `validate()` refuses `quantization="int8"` or
-    `"int4"` unless declared.
+    them dense (GGUF's `q4_0`, `q4_1`, `q4_k`, `q5_0`, `q8_0`, `q6_k`; heron's `int8`
+    and `int4`): the loader keeps those quantized for `prepare_model` and dequantizes
+    every other format of a GGUF file at load time; `validate()` refuses
+    `quantization="int8"` or `"int4"` unless declared.
     `kv_cache_dtypes` are the `kv_cache_dtype` values (vLLM's: auto, fp8, fp8_e4m3,
     fp8_e5m2) its attention reads and writes; `validate()` refuses the others.
     """
