@@ -118,6 +118,32 @@ def aten_int4(group: int) -> Method:
     return prepare
 
 
+# ---- heron's own kernels ----------------------------------------------------------
+
+def heron_quant(bits: int) -> Method:
+    """heron's cpu_quant.c on heron's int8 (per channel) or int4 (groups of 32) weights;
+    activations bf16 as the engine runs them."""
+    def prepare(w: torch.Tensor) -> Prepared:
+        from heron.kernels.cpu_quant import CpuQuantLinear
+        from heron.quantization import QuantizedLinear
+        from heron.quantization.weight_only import quantize_int4, quantize_int8
+        n, k = w.shape
+        if k % 32:
+            raise NotApplicable(f"K={k} is not a multiple of 32")
+        layer = QuantizedLinear(k, n, None, torch.bfloat16)
+        layer.set_part(0, (quantize_int8 if bits == 8 else quantize_int4)(w, "w"))
+        kernel = CpuQuantLinear(layer, torch.bfloat16)
+        return Prepared(kernel, torch.bfloat16, layer.dequantized_weight(torch.float32))
+    return prepare
+
+
+def heron_bf16(w: torch.Tensor) -> Prepared:
+    """heron's batch-invariant bf16 linear (cpu_gemm.c), what the engine runs unquantized."""
+    from heron.kernels.cpu_linear import InvariantLinear
+    wd = w.to(torch.bfloat16)
+    return Prepared(InvariantLinear(wd, None), torch.bfloat16, wd.float())
+
+
 # ---- torchao ---------------------------------------------------------------------
 
 def torchao_config(make_config: Callable[[], object]) -> Method:
@@ -187,6 +213,9 @@ def all_methods(with_torchao: bool) -> list[tuple[str, Method]]:
         ("aten int8pack_mm (per-ch)", aten_int8),
         ("aten int4pack_mm_cpu g32", aten_int4(32)),
         ("aten int4pack_mm_cpu g128", aten_int4(128)),
+        ("heron bf16 (cpu_gemm.c)", heron_bf16),
+        ("heron int8 (cpu_quant.c)", heron_quant(8)),
+        ("heron int4 g32 (cpu_quant.c)", heron_quant(4)),
     ]
     return methods + (torchao_methods() if with_torchao else [])
 

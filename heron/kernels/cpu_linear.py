@@ -79,29 +79,36 @@ class InvariantLinear(nn.Module):
         self.bias = None if bias is None else bias.detach().to(weight.dtype).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A decode step calls this ~120 times at a few microseconds of kernel each: the
-        # common case (2-d rows with contiguous features) takes no reshape.
-        k, n = self.in_features, self.out_features
-        if x.dtype != self.packed.dtype or x.device.type != "cpu" or x.shape[-1] != k:
-            raise ValueError(f"InvariantLinear expects CPU {self.packed.dtype} input with "
-                             f"{k} features, got {x.dtype} {tuple(x.shape)} on {x.device}")
-        rows = x if x.dim() == 2 else x.reshape(-1, k)
-        m = rows.shape[0]
-        if rows.stride(1) != 1 or (m > 1 and rows.stride(0) < k):
-            rows = rows.contiguous()
-        out = torch.empty((m, n), dtype=x.dtype)
-        bias = self.bias
-        rc = self._lib.heron_linear(rows.data_ptr(), rows.stride(0), self.packed.data_ptr(),
-                                    bias.data_ptr() if bias is not None else None,
-                                    out.data_ptr(), n, m, n, k, self._code,
-                                    torch.get_num_threads())
-        if rc:
-            raise RuntimeError(f"heron_linear failed ({rc}): out of memory for {m} rows"
-                               if rc == -2 else f"heron_linear rejected its arguments ({rc})")
-        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)
+        return run_linear_kernel(self._lib.heron_linear, "InvariantLinear", x,
+                                 self.packed.data_ptr(), self.bias, self.in_features,
+                                 self.out_features, self.packed.dtype, self._code)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, invariant"
+
+
+def run_linear_kernel(kernel: ctypes._CFuncPtr, name: str, x: torch.Tensor, weight: int,
+                      bias: torch.Tensor | None, k: int, n: int, dtype: torch.dtype,
+                      code: int) -> torch.Tensor:
+    """y = x @ W^T + b through a C kernel with heron_linear's signature (`weight`: the
+    address it takes as W, `code`: its dtype code); checks x and gives y its shape."""
+    # A decode step calls this ~120 times at a few microseconds of kernel each: the
+    # common case (2-d rows with contiguous features) takes no reshape.
+    if x.dtype != dtype or x.device.type != "cpu" or x.shape[-1] != k:
+        raise ValueError(f"{name} expects CPU {dtype} input with {k} features, got {x.dtype} "
+                         f"{tuple(x.shape)} on {x.device}")
+    rows = x if x.dim() == 2 else x.reshape(-1, k)
+    m = rows.shape[0]
+    if rows.stride(1) != 1 or (m > 1 and rows.stride(0) < k):
+        rows = rows.contiguous()
+    out = torch.empty((m, n), dtype=x.dtype)
+    rc = kernel(rows.data_ptr(), rows.stride(0), weight,
+                bias.data_ptr() if bias is not None else None, out.data_ptr(), n, m, n, k,
+                code, torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"{name}'s kernel failed ({rc}): out of memory for {m} rows"
+                           if rc == -2 else f"{name}'s kernel rejected its arguments ({rc})")
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)
 
 
 def packing_available(dtype: torch.dtype) -> bool:

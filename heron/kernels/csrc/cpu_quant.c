@@ -84,6 +84,8 @@ typedef struct {
     const int8_t *dup;        /* [M][nb][64] */
     const float *d;           /* [M][nb] */
     const float *sum;         /* [M][nb] */
+    const float *sum_t;       /* [nb][M]: the same sums, rows adjacent (4-row tiles) */
+    int64_t M;
     int64_t K, nb;
 } Acts;
 
@@ -195,10 +197,12 @@ static void NAME(const Acts *a, int64_t row0, const uint8_t *const *cols, float 
 static void NAME(const Acts *a, int64_t row0, const uint8_t *const *pairs, float *out) {     \
     __m256 acc[R][C];                                                                        \
     float msum[R][2 * C];                                                                    \
+    __m128 msum4[2 * C];      /* R == 4: lane r is msum[r][.], the same fmas lane by lane */ \
     for (int r = 0; r < R; r++) {                                                            \
         for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();                         \
         for (int c = 0; c < 2 * C; c++) msum[r][c] = 0;                                      \
     }                                                                                        \
+    for (int c = 0; c < 2 * C; c++) msum4[c] = _mm_setzero_ps();                             \
     for (int64_t b = 0; b < a->nb; b++) {                                                    \
         __m256i xlo[R], xhi[R];                                                              \
         __m256 dx[R];                                                                        \
@@ -217,15 +221,28 @@ static void NAME(const Acts *a, int64_t row0, const uint8_t *const *pairs, float
             const __m256 dw = halves(rec + 32);                                              \
             const float m0 = load_f32(rec + 40), m1 = load_f32(rec + 44);                    \
             _Pragma("GCC unroll 4")                                                          \
-            for (int r = 0; r < R; r++) {                                                    \
+            for (int r = 0; r < R; r++)                                                      \
                 acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum4(v, xlo[r], xhi[r])),    \
                                             _mm256_mul_ps(dw, dx[r]), acc[r][c]);            \
-                const float t = a->sum[(row0 + r) * a->nb + b];                              \
-                msum[r][2 * c] = fmaf(m0, t, msum[r][2 * c]);                                \
-                msum[r][2 * c + 1] = fmaf(m1, t, msum[r][2 * c + 1]);                        \
+            if (R == 4) {                                                                    \
+                const __m128 t = _mm_loadu_ps(a->sum_t + b * a->M + row0);                   \
+                msum4[2 * c] = _mm_fmadd_ps(_mm_set1_ps(m0), t, msum4[2 * c]);               \
+                msum4[2 * c + 1] = _mm_fmadd_ps(_mm_set1_ps(m1), t, msum4[2 * c + 1]);       \
+            } else {                                                                         \
+                for (int r = 0; r < R; r++) {                                                \
+                    const float t = a->sum[(row0 + r) * a->nb + b];                          \
+                    msum[r][2 * c] = fmaf(m0, t, msum[r][2 * c]);                            \
+                    msum[r][2 * c + 1] = fmaf(m1, t, msum[r][2 * c + 1]);                    \
+                }                                                                            \
             }                                                                                \
         }                                                                                    \
     }                                                                                        \
+    if (R == 4)                                                                              \
+        for (int c = 0; c < 2 * C; c++) {                                                    \
+            float lanes[4];                                                                  \
+            _mm_storeu_ps(lanes, msum4[c]);                                                  \
+            for (int r = 0; r < R; r++) msum[r][c] = lanes[r];                               \
+        }                                                                                    \
     for (int r = 0; r < R; r++)                                                              \
         for (int c = 0; c < C; c++) {                                                        \
             float l[8];                                                                      \
@@ -366,13 +383,17 @@ int heron_qlinear(const void *x, int64_t xs, const void *w, const void *bias, vo
         return -1;
     if (M == 0) return 0;
     const int64_t nb = K / QK;
-    int8_t *q = malloc(3 * M * K + 2 * sizeof(float) * M * nb + 64);
+    int8_t *q = malloc(3 * M * K + 3 * sizeof(float) * M * nb + 64);
     if (!q) return -2;
     int8_t *dup = q + M * K;
     float *d = (float *)(((uintptr_t)(dup + 2 * M * K) + 63) & ~(uintptr_t)63), *sum = d + M * nb;
+    float *sum_t = sum + M * nb;
     _Pragma("omp parallel for num_threads(nthreads) if (M * K >= 65536)")
-    for (int64_t m = 0; m < M; m++) quantize_row(x, xs, dtype, m, q, dup, d, sum, K);
-    const Call c = {{q, dup, d, sum, K, nb}, M, dtype == DT_BF16, bias, y, ys};
+    for (int64_t m = 0; m < M; m++) {
+        quantize_row(x, xs, dtype, m, q, dup, d, sum, K);
+        for (int64_t b = 0; b < nb; b++) sum_t[b * M + m] = sum[m * nb + b];
+    }
+    const Call c = {{q, dup, d, sum, sum_t, M, K, nb}, M, dtype == DT_BF16, bias, y, ys};
     /* threads take contiguous ranges of all segments' columns, in groups of 4 */
     int64_t groups = 0;
     for (int i = 0; i < qw->num_segments; i++) groups += (qw->seg[i].n + 3) / 4;
