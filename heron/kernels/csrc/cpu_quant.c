@@ -23,7 +23,7 @@
  *         (16-31): w = d * q. Q8_0 (d0 = d1), Q6_K (16-wide sub-blocks) and int8 land here.
  *
  * Activations: each row's 32-wide block b gets dx = max|x| / 127, qx = round(x / dx)
- * (nearest even) and xsum = the in-order float32 sum of the block's x.
+ * (nearest even) and xsum = dx * (sum of qx), as llama.cpp's Q8_1 keeps it.
  * Arithmetic per (row, column), the same whatever M (so results are batch-invariant):
  * float32 lanes accumulating over blocks in order, acc[l] = fma((float)isum[l], d_w * dx,
  * acc[l]), with isum[l] an exact integer dot product over some of the block's values:
@@ -349,23 +349,30 @@ static void quantize_row(const void *x, int64_t xs, int dtype, int64_t m, int8_t
                          int8_t *dup, float *d, float *sum, int64_t K) {
     const int64_t nb = K / QK;
     for (int64_t b = 0; b < nb; b++) {
-        float v[QK], amax = 0, t = 0;
+        float v[QK], amax = 0;
         for (int j = 0; j < QK; j++) {
             const int64_t k = b * QK + j;
             v[j] = dtype == DT_BF16 ? bf16_to_f32(((const uint16_t *)x)[m * xs + k])
                                     : ((const float *)x)[m * xs + k];
             amax = fmaxf(amax, fabsf(v[j]));
-            t += v[j];
         }
         const float dx = amax / 127.0f, inv = dx > 0 ? 1.0f / dx : 0.0f;
         int8_t *qb = q + m * K + b * QK, *db = dup + (m * nb + b) * 2 * QK;
-        for (int j = 0; j < QK; j++) qb[j] = (int8_t)nearbyintf(v[j] * inv);
+        int qsum = 0;
+        for (int j = 0; j < QK; j++) {
+            qb[j] = (int8_t)nearbyintf(v[j] * inv);
+            qsum += qb[j];
+        }
         for (int j = 0; j < 16; j++) {
             db[j] = db[j + 16] = qb[j];
             db[j + 32] = db[j + 48] = qb[j + 16];
         }
         d[m * nb + b] = dx;
-        sum[m * nb + b] = t;
+        /* the offsets multiply the sum of the *quantized* block, so that a 4-bit block's
+         * result is that of its dequantized weights against the quantized x: its error is
+         * sum(w e), not sum((w - m) e) with |m| near max |w| (twice the log-prob error on
+         * SmolLM2's Q4_1, measured) */
+        sum[m * nb + b] = dx * (float)qsum;
     }
 }
 
