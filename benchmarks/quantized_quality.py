@@ -116,12 +116,8 @@ def hf_scores(folder: str, token_ids: list[int], gguf_file: str | None = None) -
 
     kwargs: dict = {"dtype": torch.float32}
     if gguf_file is not None:
-        kwargs["gguf_file"] = gguf_file
-        try:  # transformers 5.x asks for dequantisation explicitly; 4.x always dequantises
-            from transformers import GgufConfig
-            kwargs["quantization_config"] = GgufConfig(dequantize=True)
-        except ImportError:
-            pass
+        from heron.models.default_model import hf_gguf_kwargs
+        kwargs.update(hf_gguf_kwargs(gguf_file))
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
     model = model.float()   # a GGUF may come back in its file's float16 / bfloat16
     with torch.inference_mode():

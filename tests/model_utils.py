@@ -152,3 +152,12 @@ def truncated_copy(src: str, dst: str, num_layers: int, keep_last: int = 0) -> s
         elif path.is_file():
             shutil.copy(path, dst_path / path.name)
     return str(dst_path)
+
+
+def generations(llm, prompts, params) -> list[tuple[list[int], list[float]]]:
+    """(token ids, log-probability of each) of every prompt's first completion; the
+    params must ask for logprobs."""
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return [(list(o.outputs[0].token_ids),
+             [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)])
+            for o in outs]

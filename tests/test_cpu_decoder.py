@@ -10,6 +10,7 @@ from heron import LLM, SamplingParams
 from heron.forward_context import ForwardContext, set_forward_context
 from heron.kernels.cpu_decoder import CpuDecoder, load_decoder
 from heron.worker.step_inputs import build_metadata
+from model_utils import generations
 
 pytestmark = pytest.mark.skipif(load_decoder()[0] is None, reason="gcc cannot build the C kernels")
 
@@ -61,12 +62,6 @@ def test_compiled_step_equals_eager_bit_for_bit(tiny_model_factory, arch, dtype)
     for seed in range(3):
         compare_one_step(runner, seed)
 
-
-def generations(llm: LLM, prompts, params):
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    return [(list(o.outputs[0].token_ids),
-             [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)])
-            for o in outs]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -28,7 +28,7 @@ from heron.kernels.cpu import CpuAttention, fp8_decode, fp8_encode, native_kerne
 from heron.kernels.interface import AttentionMetadata, kv_cache_torch_dtype
 from heron.kernels.reference import ReferenceAttention, write_kv
 from heron.platforms.interface import Capabilities, Detection, MemoryInfo, Platform
-from model_utils import shuffled_block_metadata
+from model_utils import generations, shuffled_block_metadata
 
 needs_native = pytest.mark.skipif(not native_kernel_available(),
                                   reason="the C attention kernel does not build here")
@@ -245,12 +245,6 @@ def test_fp8_doubles_the_blocks_of_bfloat16(tiny_llama, dtype, ratio):
     assert cache_bytes <= 1 << 22
 
 
-def _generations(llm: LLM, prompts, params):
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    return [(list(o.outputs[0].token_ids),
-             [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)])
-            for o in outs]
-
 
 @needs_native
 @pytest.mark.parametrize("kv", ["fp8", "fp8_e5m2"])
@@ -264,11 +258,11 @@ def test_generation_compiled_eager_and_batched_agree(tiny_llama, dtype, kv):
     eager = LLM(tiny_llama, dtype=dtype, device="cpu", kv_cache_memory_bytes=1 << 22,
                 kv_cache_dtype=kv, enforce_eager=True)
     assert isinstance(_runner(compiled).compiled, CpuDecoder) and _runner(eager).compiled is None
-    batched = _generations(compiled, prompts, params)
+    batched = generations(compiled, prompts, params)
     assert _runner(compiled).compiled._caches_key, "the C decoder fell back to eager"
-    assert _generations(eager, prompts, params) == batched
+    assert generations(eager, prompts, params) == batched
     for prompt, want in zip(prompts, batched):
-        assert _generations(compiled, [prompt], params) == [want]
+        assert generations(compiled, [prompt], params) == [want]
 
 
 # ------------------------------------------------------------------ the embedded model

@@ -15,6 +15,7 @@ from heron.config import EngineConfig
 from heron.kernels.cpu_quant import CpuQuantLinear, load_quant
 from heron.quantization import QuantizedLinear, dequantize_linears
 from heron.quantization.weight_only import quantize_int4, quantize_int8
+from model_utils import generations
 
 needs_kernel = pytest.mark.skipif(load_quant()[0] is None, reason="cpu_quant.c does not build")
 
@@ -54,12 +55,6 @@ def test_dequantize_linears_gives_the_dense_layer():
     x = torch.randn(3, 64)
     assert torch.allclose(dense(x), layer(x))
 
-
-def generations(llm: LLM, prompts, params):
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    return [(list(o.outputs[0].token_ids),
-             [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)])
-            for o in outs]
 
 
 @needs_kernel

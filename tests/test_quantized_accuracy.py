@@ -46,12 +46,8 @@ def hf_scores(folder: str, token_ids: list[int], gguf_file: str | None = None):
 
     kwargs: dict = {"dtype": torch.float32}
     if gguf_file is not None:
-        kwargs["gguf_file"] = gguf_file
-        try:  # transformers 5.x asks for dequantisation explicitly; 4.x always dequantises
-            from transformers import GgufConfig
-            kwargs["quantization_config"] = GgufConfig(dequantize=True)
-        except ImportError:
-            pass
+        from heron.models.default_model import hf_gguf_kwargs
+        kwargs.update(hf_gguf_kwargs(gguf_file))
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval().float()
     with torch.inference_mode():
         logits = model(input_ids=torch.tensor([token_ids])).logits[0, :-1].double()

@@ -174,6 +174,17 @@ def build_atomically(target: Path, build: Callable[[Path], None], source: str,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def hf_gguf_kwargs(gguf_file: str) -> dict:
+    """transformers' `from_pretrained` arguments that load a GGUF file dequantized."""
+    kwargs: dict = {"gguf_file": gguf_file}
+    try:  # transformers 5.x asks for dequantisation explicitly; 4.x always dequantises
+        from transformers import GgufConfig
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:
+        pass
+    return kwargs
+
+
 def convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantise a GGUF file (an architecture transformers reads: Llama, Mistral, Qwen2 ...)
     into a bfloat16 Hugging Face folder at `out`, tokenizer and chat template included."""
@@ -182,13 +193,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
 
     folder, name = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    kwargs = {}
-    try:  # transformers 5.x asks for dequantisation explicitly; 4.x always dequantises
-        from transformers import GgufConfig
-        kwargs["quantization_config"] = GgufConfig(dequantize=True)
-    except ImportError:
-        pass
-    src = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **kwargs)
+    src = AutoModelForCausalLM.from_pretrained(folder, **hf_gguf_kwargs(name))
     # A fresh model from a config without any quantization_config, so that the
     # saved folder is a plain checkpoint every loader reads the same way.
     config = copy.deepcopy(src.config)
