@@ -28,8 +28,16 @@ def embedded_gguf(tmp_path, monkeypatch) -> Path:
 
 @pytest.mark.slow
 def test_gguf_file_runs_like_the_embedded_model(embedded_gguf, smollm2_path, monkeypatch):
+    """Dequantized at load time (as on a platform without quantized kernels), the file's
+    weights are the converter's bf16 ones, so the chat reply is the bf16 folder's token
+    for token. Kept quantized (the cpu platform's default) the same folder serves the
+    file's own formats; how close that stays to Hugging Face is test_quantized_accuracy's."""
+    from heron.kernels import cpu_quant
+    from heron.kernels.cpu_quant import CpuQuantLinear
     params = SamplingParams(temperature=0, max_tokens=12, logprobs=0)
     chat = [{"role": "user", "content": "Say hello."}]
+    kernel_formats = cpu_quant.CPU_KERNEL_FORMATS
+    monkeypatch.setattr(cpu_quant, "CPU_KERNEL_FORMATS", frozenset())
     from_file = LLM(str(embedded_gguf), device="cpu", dtype="bfloat16", max_model_len=512,
                     kv_cache_memory_bytes=1 << 26)
     folder = Path(from_file.llm_engine.model_path)
@@ -39,7 +47,15 @@ def test_gguf_file_runs_like_the_embedded_model(embedded_gguf, smollm2_path, mon
     reference = LLM(smollm2_path, device="cpu", dtype="bfloat16", max_model_len=512,
                     kv_cache_memory_bytes=1 << 26)
     want = reference.chat(chat, params, use_tqdm=False)[0].outputs[0]
+    del reference
     assert got.token_ids == want.token_ids and got.text == want.text
+    monkeypatch.setattr(cpu_quant, "CPU_KERNEL_FORMATS", kernel_formats)
+    quantized = LLM(str(embedded_gguf), device="cpu", dtype="bfloat16", max_model_len=512,
+                    kv_cache_memory_bytes=1 << 26)
+    model = quantized.llm_engine.executor.runner.model
+    assert sum(isinstance(m, CpuQuantLinear) for m in model.modules()) == 4 * 30 + 1
+    reply = quantized.chat(chat, params, use_tqdm=False)[0].outputs[0]
+    assert len(reply.token_ids) == 12 and reply.text.strip()
     # A second start reuses the folder: making it again would fail here.
     monkeypatch.setattr(gguf_file, "_write_folder", lambda *a: pytest.fail("made again"))
     assert gguf_file.gguf_model_folder(str(embedded_gguf)) == str(folder)
