@@ -249,9 +249,6 @@ class CpuQuantLinear(nn.Module):
                                  self.weight_address, self.bias, self.in_features,
                                  self.out_features, self.dtype, _DTYPE_CODES[self.dtype])
 
-    def quantized_bytes(self) -> int:
-        return sum(b.numel() for b in self.buffers())
-
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"formats={self.formats}")

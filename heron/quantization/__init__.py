@@ -7,9 +7,9 @@ output features (fused q|k|v and gate|up, whose parts may differ in format). A p
 with kernels for a format swaps the layer for its own in `prepare_model`; anywhere else
 the layer is dequantized at load time (`dequantize_linears`).
 """
-from heron.quantization.tensor import (KERNEL_FORMATS, QuantizedTensor, UnsupportedQuantType,
+from heron.quantization.tensor import (QuantizedTensor, UnsupportedQuantType,
                                        dequantize_rows)
 from heron.quantization.linear import QuantizedLinear, dequantize_linears
 
-__all__ = ["KERNEL_FORMATS", "QuantizedTensor", "UnsupportedQuantType", "dequantize_rows",
+__all__ = ["QuantizedTensor", "UnsupportedQuantType", "dequantize_rows",
            "QuantizedLinear", "dequantize_linears"]

@@ -52,9 +52,6 @@ class QuantizedLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
-    def quantized_bytes(self) -> int:
-        return sum(p.nbytes() for p in self.parts if p is not None)
-
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"formats={'+'.join(p.qtype for p in self.parts if p is not None)}")

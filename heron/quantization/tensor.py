@@ -6,12 +6,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# Formats heron has matmul kernels for somewhere (a platform declares which it runs in
-# Capabilities.quantization). GGUF's names in lower case; int8/int4 are heron's own
-# weight-only formats for ordinary checkpoints (see heron/quantization/weight_only.py).
-KERNEL_FORMATS = frozenset({"q4_0", "q4_1", "q5_0", "q8_0", "q4_k", "q6_k", "int8", "int4"})
-
-
 class UnsupportedQuantType(ValueError):
     """A tensor's format cannot be read; the message names the tensor and the type."""
 
